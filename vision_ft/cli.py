@@ -1,0 +1,187 @@
+"""The `vision-ft` command line: thin commands over the library's functions.
+
+User mistakes surface as `VisionFTError` and are printed as one line (exit code 2), never as
+a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from vision_ft.errors import VisionFTError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune pretrained timm vision models on folders of labelled images.",
+)
+weights_app = typer.Typer(no_args_is_help=True, help="Prepare weights files for --weights.")
+app.add_typer(weights_app, name="weights")
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config key, e.g. --set train.epochs=6 (repeatable)."),
+]
+
+
+def _echo_metrics(title: str, metrics: dict) -> None:
+    from vision_ft.metrics import format_summary
+
+    typer.echo(f"{title}: {format_summary(metrics)}")
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name, e.g. resnet50, tf_efficientnet_lite0.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a .safetensors/.pth/.bin file.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<data>-<model>-<n>).")] = None,
+    overrides: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder given by --out from its last checkpoint.")] = False,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out unreadable images with a warning.")] = False,
+) -> None:
+    """Fine-tune a backbone on labelled images and write a run folder."""
+    from vision_ft.config import build_config, load_config, parse_override, validate_config
+    from vision_ft.run_folder import next_run_path, open_run_folder
+    from vision_ft.train import train as run_training
+
+    if resume:
+        if out is None:
+            raise VisionFTError("--resume needs --out RUN, the run folder to continue")
+        if force:
+            raise VisionFTError("--resume and --force contradict each other; --resume continues RUN, --force replaces it")
+        saved = load_config(open_run_folder(out).config).model_dump(mode="json")
+        for text in overrides or []:
+            parts, value = parse_override(text)
+            if parts != ["train", "epochs"]:
+                raise VisionFTError(f"--resume continues with the run's saved config; only train.epochs may change, not '{text}'")
+            saved["train"]["epochs"] = value
+        if config or data or model or weights:
+            raise VisionFTError("--resume continues with the run's saved config; drop --config/--data/--model/--weights")
+        cfg = validate_config(saved, str(out))
+    else:
+        cfg = build_config(
+            config,
+            overrides,
+            data_path=str(data) if data else None,
+            model_name=model,
+            model_weights=weights,
+            data_skip_bad_images=True if skip_bad_images else None,
+        )
+        if out is None:
+            if not cfg.data.path:
+                raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
+            out = next_run_path(Path("runs"), cfg.model.name, Path(cfg.data.path))
+    result = run_training(cfg, out, force=force, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"run folder: {result.run_dir}")
+        for split in ("val", "test"):
+            if split in result.metrics:
+                _echo_metrics(f"{split} (best epoch {result.best_epoch})", result.metrics[split])
+
+
+@app.command(name="eval")
+def eval_command(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `vision-ft train`.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled folder or CSV manifest to evaluate on.")],
+    split: Annotated[Optional[str], typer.Option("--split", help="Only this split of a pre-split folder (train/val/test).")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write metrics JSON here (and a confusion matrix PNG beside it).")] = None,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images")] = False,
+) -> None:
+    """Evaluate a trained run on any labelled folder."""
+    from vision_ft.evaluate import evaluate_run, write_eval_outputs
+
+    if checkpoint not in ("best", "last"):
+        raise VisionFTError(f"--checkpoint must be 'best' or 'last', not '{checkpoint}'")
+    metrics = evaluate_run(run, data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
+    _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
+    if out:
+        write_eval_outputs(metrics, list(metrics["per_class"]), out)
+        typer.echo(f"metrics written to {out}")
+    else:
+        typer.echo(json.dumps({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")}))
+
+
+@app.command()
+def predict(
+    source: Annotated[Path, typer.Argument(help="Run folder (or, with the deployment extra, a model.onnx).")],
+    path: Annotated[Path, typer.Argument(help="An image or a folder of images.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV file to write (default: print to stdout).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many ranked labels per image.")] = 3,
+) -> None:
+    """Label images with a trained run; CSV with path, label, score and top-k scores."""
+    from vision_ft.predict import predict_run, write_predictions_csv
+
+    header, rows = predict_run(source, path, top_k=top_k)
+    if out:
+        write_predictions_csv(out, header, rows)
+        typer.echo(f"{len(rows)} predictions written to {out}")
+    else:
+        typer.echo(",".join(header))
+        for row in rows:
+            typer.echo(",".join(row))
+
+
+@weights_app.command(name="import")
+def weights_import(
+    src: Annotated[Path, typer.Argument(help="A foreign state_dict (.pth/.bin/.safetensors).")],
+    model: Annotated[str, typer.Option("--model", help="timm model whose key names to use.")],
+    out: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Convert a state_dict to a timm model's key names (by name, else by tensor order)."""
+    from vision_ft.models.import_weights import import_weights
+
+    result = import_weights(src, model, out, force=force)
+    typer.echo(f"wrote {result.out}: {result.tensors} tensors mapped by {result.mapping}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    # Errors raised inside DataLoader workers come back wrapped with the worker's traceback;
+    # the user's message is its last line.
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split("VisionFTError: ", 1)[-1]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vision-ft` script; returns the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        app(args=argv, prog_name="vision-ft", standalone_mode=False)
+    except VisionFTError as exc:
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
+        return 130
+    except RuntimeError as exc:
+        if "Original Traceback" in str(exc) and "VisionFTError" in str(exc):
+            typer.echo(f"error: {_one_line(exc)}", err=True)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

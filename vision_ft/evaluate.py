@@ -1,0 +1,72 @@
+"""`vision-ft eval`: evaluate a trained run on any labelled folder or CSV manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vision_ft.data.dataset import ImageDataset
+from vision_ft.data.decode import find_bad_images
+from vision_ft.data.discover import Sample, discover
+from vision_ft.data.loaders import build_loader
+from vision_ft.data.transforms import build_transforms
+from vision_ft.errors import VisionFTError
+from vision_ft.plots import plot_confusion_matrix
+from vision_ft.run_model import load_run
+from vision_ft.train import evaluate_probs, predict_loader
+
+
+def _relabel(samples: list[Sample], source_names: list[str], run_names: list[str], data: Path) -> list[Sample]:
+    """Map the folder's class indices onto the run's, by class name."""
+    unknown = sorted(set(source_names) - set(run_names))
+    if unknown:
+        raise VisionFTError(
+            f"{data} has classes the run was not trained on: {', '.join(unknown)}; the run knows {', '.join(run_names)}"
+        )
+    to_run = {i: run_names.index(name) for i, name in enumerate(source_names)}
+    return [Sample(s.path, to_run[s.label]) for s in samples]
+
+
+def evaluate_run(
+    run_dir: Path,
+    data: Path,
+    split: str | None = None,
+    checkpoint: str = "best",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    skip_bad_images: bool = False,
+) -> dict[str, Any]:
+    """Metrics of a run's checkpoint on every image under `data` (or one split of a pre-split folder)."""
+    loaded = load_run(run_dir, checkpoint)
+    cfg = loaded.config
+    index = discover(Path(data))
+    samples = index.samples
+    if split is not None:
+        if not index.presplit or split not in index.presplit:
+            raise VisionFTError(f"{data} has no '{split}' split folder; drop --split to evaluate every image")
+        samples = index.presplit[split]
+    samples = _relabel(samples, index.class_names, loaded.class_names, Path(data))
+    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers))
+    if bad and not skip_bad_images:
+        raise VisionFTError(
+            f"{len(bad)} unreadable images in {data}, e.g. {bad[0][0]} ({bad[0][1]}); remove them or pass --skip-bad-images"
+        )
+    bad_paths = {p for p, _ in bad}
+    samples = [s for s in samples if s.path not in bad_paths]
+    dataset = ImageDataset(samples, build_transforms([], loaded.mean, loaded.std, train=False),
+                           cfg.data.channels, cfg.data.image_size)
+    loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
+                          workers=cfg.data.workers if workers is None else workers)
+    probs, labels = predict_loader(loaded.model, loader, device=next(loaded.model.parameters()).device)
+    metrics = evaluate_probs(probs, labels, loaded.class_names, cfg.train.label_smoothing)
+    metrics["data"] = str(data)
+    metrics["skipped_unreadable"] = len(bad)
+    return metrics
+
+
+def write_eval_outputs(metrics: dict[str, Any], class_names: list[str], out: Path) -> None:
+    """metrics JSON plus a confusion-matrix PNG beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=1))
+    plot_confusion_matrix(metrics["confusion_matrix"], class_names, out.with_suffix(".png"), f"eval on {metrics['data']}")

@@ -1,0 +1,104 @@
+"""Building a timm backbone with a new head for the dataset's classes."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Iterator
+from pathlib import Path
+
+import timm
+from torch import nn
+
+from vision_ft.errors import VisionFTError
+from vision_ft.models.weights import load_into_model, read_state_dict
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _all_model_names() -> tuple[str, ...]:
+    return tuple(timm.list_models())
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _offline_unless_reachable() -> Iterator[None]:
+    """Without a network, huggingface_hub retries for about a minute before failing; its
+    offline mode answers at once from the local cache instead."""
+    if os.environ.get("HF_HUB_OFFLINE") or _hub_reachable():
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once at import, so the setting is switched directly.
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
+
+
+def check_model_name(name: str) -> None:
+    """Fail early, with close matches, on a model name timm does not know."""
+    if name.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(name):
+        return
+    base = name.split(".")[0]  # "resnet50.a1_in1k" names a pretrained tag of resnet50
+    if timm.is_model(base):
+        return
+    close = difflib.get_close_matches(name, _all_model_names(), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for the names"
+    raise VisionFTError(f"unknown model '{name}'{hint}")
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    weights: str = "hub",
+    drop_rate: float = 0.0,
+) -> nn.Module:
+    """Create `name` with a `num_classes` head, initialised from `weights` ('hub', 'none' or a file).
+
+    Heads are replaced through timm's own `num_classes` argument, which knows each
+    architecture's classifier (fc, classifier, head.fc, ...).
+    """
+    check_model_name(name)
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    if weights == "hub":
+        try:
+            with _offline_unless_reachable():
+                return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # offline, no pretrained weights for this name, hub errors
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise VisionFTError(
+                f"could not fetch pretrained weights for '{name}' from the hub ({reason}); when offline pass a "
+                "local file with --weights path/to/weights.safetensors, or --weights none to start from scratch"
+            ) from None
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if weights == "none":
+        return model
+    path = Path(weights)
+    report = load_into_model(model, read_state_dict(path), str(path))
+    log.info("weights %s: %s", path, report.summary())
+    return model
+
+
+def pretrained_normalisation(model: nn.Module) -> tuple[list[float], list[float]]:
+    """Mean and std the backbone was pretrained with (ImageNet's when the config has none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = list(cfg.get("std", (0.229, 0.224, 0.225)))
+    return mean, std

@@ -1,0 +1,71 @@
+"""`vision-ft predict RUN PATH`: label images with a trained run, CSV out."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vision_ft.data.dataset import ImageDataset
+from vision_ft.data.discover import IMAGE_SUFFIXES, Sample
+from vision_ft.data.loaders import build_loader
+from vision_ft.data.transforms import build_transforms
+from vision_ft.errors import VisionFTError
+from vision_ft.run_model import load_run
+
+
+def collect_images(path: Path) -> list[Path]:
+    """One image, or every image below a folder (sorted, so outputs are stable)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise VisionFTError(f"{path} does not exist; pass an image file or a folder of images")
+    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not images:
+        raise VisionFTError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def prediction_header(top_k: int) -> list[str]:
+    """CSV columns shared by every predict path (run folder or ONNX model)."""
+    header = ["path", "label", "score"]
+    for k in range(1, top_k + 1):
+        header += [f"top{k}_label", f"top{k}_score"]
+    return header
+
+
+def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int) -> list[list[str]]:
+    rows = []
+    for path, p in zip(paths, probs):
+        order = np.argsort(-p)[:top_k]
+        row = [str(path), class_names[order[0]], f"{p[order[0]]:.6f}"]
+        for idx in order:
+            row += [class_names[idx], f"{p[idx]:.6f}"]
+        rows.append(row)
+    return rows
+
+
+def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@torch.no_grad()
+def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of predictions of a run's best checkpoint on `path`."""
+    loaded = load_run(run_dir)
+    cfg = loaded.config
+    images = collect_images(path)
+    top_k = max(1, min(top_k, len(loaded.class_names)))
+    dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
+                           cfg.data.channels, cfg.data.image_size)
+    loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
+    probs = [torch.softmax(loaded.model(x), dim=1).numpy() for x, _ in tqdm(loader, desc="predict", leave=False)]
+    return prediction_header(top_k), prediction_rows(images, np.concatenate(probs), loaded.class_names, top_k)

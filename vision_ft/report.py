@@ -1,0 +1,55 @@
+"""report.md: a run summary a colleague can read without opening any other file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vision_ft import __version__
+from vision_ft.config import Config
+from vision_ft.run_folder import RunFolder
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def write_report(run: RunFolder, config: Config, class_names: list[str], metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    lines = [
+        f"# vision-ft run `{run.root.name}`",
+        "",
+        f"- model: `{config.model.name}` (weights: `{config.model.weights}`), strategy `{config.finetune.strategy}`",
+        f"- data: `{config.data.path}`, {len(class_names)} classes: {', '.join(class_names)}",
+        f"- input: {config.data.image_size} px, {config.data.channels} channel(s)",
+        f"- epochs run: {state['epoch']} of {config.train.epochs}"
+        + (" (stopped early)" if state.get("stopped_early") else "")
+        + f"; best epoch {state['best_epoch']} by val {config.train.early_stopping.metric}",
+        f"- vision-ft {__version__}",
+        "",
+        "## Metrics (best checkpoint)",
+        "",
+        "| split | accuracy | balanced acc. | macro-F1 | ROC-AUC | images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split in ("val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            lines.append(f"| {split} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_f1'])} "
+                         f"| {_fmt(m['auroc'])} | {m['num_samples']} |")
+    if "test" in metrics:
+        lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
+        for name, row in metrics["test"]["per_class"].items():
+            lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+    lines += ["", "## Plots", ""]
+    for png in sorted(run.plots.glob("*.png")):
+        lines.append(f"![{png.stem}](plots/{png.name})")
+    lines += [
+        "",
+        "## Files",
+        "",
+        "- `config.yaml`: the resolved config (rerun with `vision-ft train --config config.yaml`)",
+        "- `split.json`: the exact train/val/test split",
+        "- `metrics.jsonl`: one line per epoch; `metrics.json`: final val/test metrics",
+        "- `checkpoints/best`, `checkpoints/last`: weights (safetensors) and state (JSON)",
+        "",
+    ]
+    run.report.write_text("\n".join(lines))

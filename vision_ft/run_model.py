@@ -1,0 +1,63 @@
+"""Rebuilding a trained model from its run folder (for eval, predict, export and resume)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from vision_ft.checkpoint import load_model_weights
+from vision_ft.config import Config, load_config
+from vision_ft.data.split import load_split
+from vision_ft.finetune.build import build_strategy
+from vision_ft.models.create import create_model, pretrained_normalisation
+from vision_ft.run_folder import RunFolder, open_run_folder
+
+
+@dataclass
+class LoadedRun:
+    run: RunFolder
+    config: Config
+    class_names: list[str]
+    model: nn.Module
+    mean: list[float]
+    std: list[float]
+
+
+def normalisation(config: Config, model: nn.Module) -> tuple[list[float], list[float]]:
+    """The config's mean/std when set, else the backbone's pretraining values, sized to the channels."""
+    mean, std = pretrained_normalisation(model)
+    mean = config.data.mean or mean
+    std = config.data.std or std
+    channels = config.data.channels
+    if len(mean) != channels:
+        # One grey channel stands for the average of the RGB channels it was made from.
+        mean = [sum(mean) / len(mean)] * channels
+        std = [sum(std) / len(std)] * channels
+    return list(mean), list(std)
+
+
+def build_model(config: Config, num_classes: int, weights: str | None = None) -> nn.Module:
+    """The backbone with its new head, as the config describes (weights from the config unless given)."""
+    return create_model(
+        config.model.name,
+        num_classes=num_classes,
+        in_chans=config.data.channels,
+        weights=config.model.weights if weights is None else weights,
+        drop_rate=config.model.drop_rate,
+    )
+
+
+def load_run(path: Path, checkpoint: str = "best") -> LoadedRun:
+    """The run's model with the weights of its `best` or `last` checkpoint, in eval mode."""
+    run = open_run_folder(path)
+    config = load_config(run.config)
+    class_names, _ = load_split(run.split)
+    # The checkpoint holds every weight, so no pretrained download is needed here.
+    model = build_model(config, len(class_names), weights="none")
+    build_strategy(config.finetune).prepare(model)  # gives LoRA runs their adapter modules
+    load_model_weights(run.best if checkpoint == "best" else run.last, model)
+    model.eval()
+    mean, std = normalisation(config, model)
+    return LoadedRun(run, config, class_names, model, mean, std)

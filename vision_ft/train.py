@@ -1,0 +1,413 @@
+"""The training loop: plain PyTorch, DistributedDataParallel under torchrun.
+
+`train(config, out)` validates the data, writes the run folder (resolved config, split,
+metrics log, checkpoints, plots, report), trains with early stopping, then evaluates the best
+checkpoint on the test split. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from vision_ft import distributed
+from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_state, save_checkpoint
+from vision_ft.config import Config, save_config
+from vision_ft.data.dataset import ImageDataset
+from vision_ft.data.decode import find_bad_images
+from vision_ft.data.discover import Sample, discover
+from vision_ft.data.loaders import build_loader, class_counts
+from vision_ft.data.split import load_split, make_splits, save_split
+from vision_ft.data.transforms import build_transforms, validate_augment_spec
+from vision_ft.errors import VisionFTError
+from vision_ft.finetune.build import build_strategy
+from vision_ft.finetune.strategy import Strategy
+from vision_ft.metrics import compute_metrics, format_summary
+from vision_ft.models.create import check_model_name
+from vision_ft.plots import plot_confusion_matrix, plot_training_curves
+from vision_ft.report import write_report
+from vision_ft.run_folder import RunFolder, create_run_folder, open_run_folder
+from vision_ft.run_model import build_model, normalisation
+from vision_ft.schedule import apply_learning_rates
+
+log = logging.getLogger("vision_ft")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]  # {"val": {...}, "test": {...}}
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+
+
+# ---------------------------------------------------------------- set-up helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to scale the loss) for the `train.amp` setting."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None, False
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    # fp16 gradients underflow without loss scaling.
+    return torch.float16, device.type == "cuda"
+
+
+def _setup_logging(context: distributed.Context, log_file: Path | None) -> None:
+    log.setLevel(logging.INFO if context.is_main else logging.WARNING)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if log_file is not None and context.is_main:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(file_handler)
+
+
+def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sample]], Any]:
+    """Discover the data, make the split and scan for unreadable images (before any folder is written)."""
+    if not config.data.path:
+        raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
+    index = discover(Path(config.data.path))
+    for path, reason in index.skipped[:5]:
+        log.warning("skipping %s: %s", path, reason)
+    if len(index.skipped) > 5:
+        log.warning("… and %d more non-image files skipped", len(index.skipped) - 5)
+    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
+    every_path = [s.path for part in splits.values() for s in part]
+    bad = find_bad_images(every_path, workers=max(1, config.data.workers))
+    if bad:
+        listed = ", ".join(f"{p} ({why})" for p, why in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        if not config.data.skip_bad_images:
+            raise VisionFTError(
+                f"{len(bad)} unreadable image{'s' if len(bad) > 1 else ''}: {listed}{more}; "
+                "remove or fix them, or pass --skip-bad-images to leave them out"
+            )
+        log.warning("leaving out %d unreadable images: %s%s", len(bad), listed, more)
+        bad_paths = {p for p, _ in bad}
+        splits = {name: [s for s in part if s.path not in bad_paths] for name, part in splits.items()}
+    return index.class_names, splits, index
+
+
+def _describe_split(class_names: list[str], splits: dict[str, list[Sample]]) -> str:
+    parts = []
+    for name, samples in splits.items():
+        counts = class_counts(samples, len(class_names))
+        parts.append(f"{name} {len(samples)} ({', '.join(f'{c}:{n}' for c, n in zip(class_names, counts))})")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_loader(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels for every batch of `loader`."""
+    model.eval()
+    all_probs, all_labels = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for images, labels in loader:
+        with autocast:
+            logits = model(images.to(device, non_blocking=True))
+        all_probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        all_labels.append(labels)
+    return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
+
+
+def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
+    """Metrics plus the mean cross-entropy, from predicted probabilities."""
+    metrics = compute_metrics(labels, probs, class_names)
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+    nll = -logp[np.arange(len(labels)), labels]
+    smooth = -logp.mean(axis=1)
+    metrics["loss"] = float(((1 - label_smoothing) * nll + label_smoothing * smooth).mean())
+    return metrics
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _wrap(model: nn.Module, context: distributed.Context) -> nn.Module:
+    if not context.distributed:
+        return model
+    # Built anew whenever the trainable set changes: DDP registers its gradient hooks for the
+    # parameters that require grad at construction time.
+    return DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    strategy: Strategy,
+    loader: Any,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    config: Config,
+    context: distributed.Context,
+    amp_dtype: torch.dtype | None,
+    step: int,
+    schedule: dict[str, int],
+    epoch: int,
+) -> tuple[float, int]:
+    strategy.set_train_mode(model.module if isinstance(model, DistributedDataParallel) else model)
+    total_loss, seen = 0.0, 0
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch}/{config.train.epochs}",
+        disable=not context.is_main or not sys.stderr.isatty(),
+        leave=False,
+        dynamic_ncols=True,
+    )
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    for images, labels in bar:
+        apply_learning_rates(optimizer, step, **schedule, min_ratio=config.train.min_lr_ratio)
+        images = images.to(context.device, non_blocking=True)
+        labels = labels.to(context.device, non_blocking=True)
+        with torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+            loss = loss_fn(model(images).float(), labels)
+        if not torch.isfinite(loss):
+            raise VisionFTError(
+                f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower train.lr "
+                f"(now {config.train.lr}) or keep train.grad_clip set"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        total_loss += loss.item() * len(labels)
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return distributed.mean_across_ranks(context, total_loss / max(seen, 1)), step
+
+
+def _is_better(score: float | None, best: float | None, metric: str) -> bool:
+    if score is None or (isinstance(score, float) and math.isnan(score)):
+        return False
+    if best is None:
+        return True
+    return score < best if metric == "loss" else score > best
+
+
+def train(
+    config: Config,
+    out: Path,
+    force: bool = False,
+    resume: bool = False,
+) -> TrainResult:
+    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint."""
+    context = distributed.setup()
+    try:
+        return _train(config, Path(out), force, resume, context)
+    finally:
+        distributed.teardown(context)
+
+
+def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> tuple[RunFolder, list[str], dict[str, list[Sample]]]:
+    """Check inputs and lay out the run folder on rank 0; every rank then reads the same split."""
+    error: str | None = None
+    if context.is_main:
+        try:
+            if resume:
+                run = open_run_folder(out)
+                if not (run.last / "state.json").is_file():
+                    raise VisionFTError(f"run folder {out} has no last checkpoint to resume; start it again with --force")
+            else:
+                check_model_name(config.model.name)
+                validate_augment_spec(config.data.augment.train)
+                class_names, splits, index = _check_data_and_split(config)
+                run = create_run_folder(out, force=force)
+                save_config(config, run.config)
+                save_split(run.split, splits, index, config.data.split_seed)
+        except VisionFTError as exc:
+            error = str(exc)
+    error = distributed.broadcast_from_main(context, error)
+    if error:
+        raise VisionFTError(error)
+    run = RunFolder(out)
+    class_names, splits = load_split(run.split)
+    return run, class_names, splits
+
+
+def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> TrainResult:
+    _setup_logging(context, None)
+    run, class_names, splits = _prepare_run(config, out, force, resume, context)
+    _setup_logging(context, run.log_file)
+    seed_everything(config.train.seed + context.rank)
+    log.info("run folder %s", run.root)
+    log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
+
+    weights = "none" if resume else None  # resume takes every weight from the checkpoint
+    model = build_model(config, len(class_names), weights=weights)
+    strategy = build_strategy(config.finetune)
+    strategy.prepare(model)
+    model.to(context.device)
+    mean, std = normalisation(config, model)
+    log.info("model %s (%s weights), input %d px × %d channels, mean %s std %s", config.model.name,
+             "checkpoint" if resume else config.model.weights, config.data.image_size, config.data.channels,
+             [round(m, 3) for m in mean], [round(s, 3) for s in std])
+
+    data_cfg = config.data
+    train_set = ImageDataset(splits["train"], build_transforms(data_cfg.augment.train, mean, std, train=True),
+                             data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images)
+    eval_transform = build_transforms([], mean, std, train=False)
+    eval_sets = {
+        name: ImageDataset(splits[name], eval_transform, data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images)
+        for name in ("val", "test") if splits.get(name)
+    }
+    batch = config.train.batch_size
+    train_loader = build_loader(train_set, batch, train=True, workers=data_cfg.workers,
+                                balanced=data_cfg.balance == "sampler", distributed=context.distributed,
+                                seed=config.train.seed)
+    eval_loaders = {name: build_loader(ds, batch, train=False, workers=data_cfg.workers) for name, ds in eval_sets.items()}
+
+    weight = None
+    if data_cfg.balance == "loss_weights":
+        counts = torch.tensor(class_counts(splits["train"], len(class_names)), dtype=torch.float32)
+        weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(context.device)
+        log.info("class weights %s", [round(w, 3) for w in weight.tolist()])
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.train.label_smoothing)
+
+    amp_dtype, use_scaler = autocast_settings(config.train.amp, context.device)
+    scaler = torch.amp.GradScaler(context.device.type) if use_scaler else None
+    steps_per_epoch = len(train_loader)
+    schedule = {
+        "total_steps": steps_per_epoch * config.train.epochs,
+        "warmup_steps": int(config.train.warmup_epochs * steps_per_epoch),
+        "group_warmup_steps": int(config.finetune.group_warmup_epochs * steps_per_epoch),
+    }
+    optimizer = torch.optim.AdamW(strategy.param_groups(model, config.train.lr, config.train.weight_decay),
+                                  lr=config.train.lr, weight_decay=config.train.weight_decay)
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    if resume:
+        state = load_state(run.last)
+        load_model_weights(run.last, model)
+        strategy.load_state_dict(state.get("strategy", {}))
+        # Rebuild the optimizer groups the strategy had at the checkpoint, then restore their state.
+        optimizer = torch.optim.AdamW(strategy.param_groups(model, config.train.lr, config.train.weight_decay),
+                                      lr=config.train.lr, weight_decay=config.train.weight_decay)
+        load_optimizer_state(run.last, optimizer, state)
+        if state["epoch"] >= config.train.epochs or state.get("stopped_early"):
+            raise VisionFTError(
+                f"run {run.root} already finished at epoch {state['epoch']}; to train longer pass "
+                f"--set train.epochs=N with N > {state['epoch']} together with --resume"
+            )
+        log.info("resuming after epoch %d (best val %s %.4f at epoch %d)", state["epoch"],
+                 config.train.early_stopping.metric, state["best_score"] or float("nan"), state["best_epoch"])
+
+    metric = config.train.early_stopping.metric
+    ddp_model = _wrap(model, context)
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, config.train.epochs + 1):
+        started = time.time()
+        if strategy.on_epoch_start(epoch, model, optimizer, state["step"], config.train.lr, config.train.weight_decay):
+            ddp_model = _wrap(model, context)
+        log.info("epoch %d: %s", epoch, strategy.describe(model))
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a new, reproducible shuffle each epoch (also after resume)
+        train_loss, state["step"] = _train_one_epoch(
+            ddp_model, strategy, train_loader, loss_fn, optimizer, scaler, config, context, amp_dtype,
+            state["step"], schedule, epoch,
+        )
+        stop = False
+        if context.is_main:
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+            if "val" in eval_loaders:
+                probs, labels = predict_loader(model, eval_loaders["val"], context.device, amp_dtype)
+                val = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
+                row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")})
+                score = val["loss" if metric == "loss" else metric]
+            else:
+                score = -train_loss if metric != "loss" else train_loss  # no val split: watch the training loss
+            row["seconds"] = round(time.time() - started, 1)
+            state["history"].append(row)
+            with run.metrics_log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            improved = _is_better(score, state["best_score"], metric)
+            if improved:
+                state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
+            stop = state["bad_epochs"] >= config.train.early_stopping.patience
+            state.update(epoch=epoch, stopped_early=stop and epoch < config.train.epochs,
+                         strategy=strategy.state_dict())
+            if improved:
+                save_checkpoint(run.best, model, state)
+            save_checkpoint(run.last, model, state, optimizer)
+            log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
+                     format_summary({k[4:]: v for k, v in row.items() if k.startswith("val_")}), row["seconds"],
+                     "  *best*" if improved else "")
+        stop = distributed.broadcast_from_main(context, stop)
+        if stop:
+            stopped_early = epoch < config.train.epochs
+            log.info("early stopping: val %s did not improve for %d epochs", metric, config.train.early_stopping.patience)
+            break
+
+    metrics: dict[str, Any] = {}
+    if context.is_main:
+        metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config)
+    distributed.barrier(context)
+    return TrainResult(run.root, metrics, state["best_epoch"], state["epoch"], stopped_early)
+
+
+def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, Any], class_names: list[str],
+                      context: distributed.Context, amp_dtype: torch.dtype | None, state: dict[str, Any],
+                      config: Config) -> dict[str, Any]:
+    """Evaluate the best checkpoint on val and test, write metrics.json, plots and the report."""
+    load_model_weights(run.best, model)
+    metrics: dict[str, Any] = {}
+    run.plots.mkdir(exist_ok=True)
+    for name, loader in eval_loaders.items():
+        probs, labels = predict_loader(model, loader, context.device, amp_dtype)
+        metrics[name] = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
+        plot_confusion_matrix(metrics[name]["confusion_matrix"], class_names, run.plots / f"confusion_{name}.png",
+                              f"{name} split, best checkpoint (epoch {state['best_epoch']})")
+        log.info("%s (best checkpoint, epoch %d): %s", name, state["best_epoch"], format_summary(metrics[name]))
+    metrics["best_epoch"] = state["best_epoch"]
+    run.metrics.write_text(json.dumps(metrics, indent=1))
+    if state["history"]:
+        plot_training_curves(state["history"], run.plots / "training_curves.png", config.train.early_stopping.metric)
+    write_report(run, config, class_names, metrics, state)
+    return metrics
