@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vision-ft` script; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        app(args=argv, prog_name="vision-ft", standalone_mode=False)
+        # Without standalone mode click hands back exit codes (130 after Ctrl-C) instead of exiting.
+        result = app(args=argv, prog_name="vision-ft", standalone_mode=False)
     except VisionFTError as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         return 2
@@ -180,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             typer.echo(f"error: {_one_line(exc)}", err=True)
             return 2
         raise
-    return 0
+    if result == 130:
+        typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

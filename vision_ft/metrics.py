@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,18 +26,26 @@ def _auroc(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> float | N
     if num_classes == 2:
         return float(roc_auc_score(labels, probs[:, 1]))
     if len(present) < num_classes:
-        # One-vs-rest over the classes present; absent classes have no positives to rank.
+        # Rank only among the classes present; absent classes have no positives to rank.
         cols = probs[:, present]
         cols = cols / np.clip(cols.sum(axis=1, keepdims=True), 1e-12, None)
-        return float(roc_auc_score(labels, cols, multi_class="ovr", average="macro", labels=present))
+        relabelled = np.searchsorted(present, labels)
+        if len(present) == 2:
+            return float(roc_auc_score(relabelled, cols[:, 1]))
+        return float(roc_auc_score(relabelled, cols, multi_class="ovr", average="macro"))
     return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, ROC-AUC (binary or one-vs-rest macro),
     per-class precision/recall/F1 and the confusion matrix (rows: true, columns: predicted)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
+    with warnings.catch_warnings():
+        # Small or skewed evaluation sets make sklearn warn about absent classes; they are handled.
+        warnings.simplefilter("ignore", UserWarning)
+        return _compute(np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64), class_names)
+
+
+def _compute(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     k = len(class_names)
     preds = probs.argmax(axis=1)
     all_labels = list(range(k))

@@ -127,5 +127,17 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: st
             f"weights {source} match only {report.matched} of {backbone_total} tensors of the model; the key names "
             "differ: convert the file with `vision-ft weights import SRC --model NAME --out FILE.safetensors`"
         )
+    unexpected = [k for k in report.unexpected if not k.endswith("num_batches_tracked")]
+    if unexpected:
+        raise VisionFTError(
+            f"weights {source} hold {len(unexpected)} tensors the model does not have (first: '{unexpected[0]}'); "
+            "check that --model names the architecture the weights came from, or remove those keys from the file"
+        )
+    if report.missing:
+        # A partly loaded backbone trains, but from a broken start; that is never what a user wants.
+        raise VisionFTError(
+            f"weights {source} leave {len(report.missing)} tensors of the model uninitialised (first: "
+            f"'{report.missing[0]}'); check that --model names the architecture the weights came from"
+        )
     model.load_state_dict(to_load, strict=False)
     return report
