@@ -1,0 +1,40 @@
+"""Two CPU processes under torchrun (gloo): sharded data, one writer, a complete run folder."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NEU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "neu-det"
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not NEU.is_dir(), reason="needs ../shared/data/neu-det")]
+
+
+def test_two_process_ddp_run(tmp_path):
+    data = tmp_path / "data"
+    for name in ("crazing", "inclusion"):
+        (data / name).mkdir(parents=True)
+        for image in sorted((NEU / name).glob("*.jpg"))[:20]:
+            shutil.copy(image, data / name / image.name)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vision_ft.cli", "train",
+           "--data", str(data), "--out", str(out), "--weights", "none", "--set", "data.image_size=64",
+           "--set", "data.workers=0", "--set", "train.epochs=2", "--set", "train.batch_size=8"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"accuracy", "macro_f1", "auroc"} <= metrics["test"].keys()
+    # Only rank 0 writes: one log line per epoch, one final summary on stdout.
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert done.stdout.count("run folder:") == 1
+    # 28 training images shared by 2 ranks: 14 each, 1 full batch of 8 per epoch (vs 3 in one process).
+    train_images = len(json.loads((out / "split.json").read_text())["splits"]["train"])
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == 2 * math.floor(math.ceil(train_images / 2) / 8)
