@@ -113,3 +113,38 @@ def test_eval_and_predict_on_bad_paths(tmp_path, capsys):
     assert "not a vision-ft run folder" in _error_line(capsys)
     assert main(["predict", str(tmp_path / "none"), str(tmp_path)]) == 2
     assert "does not exist" in _error_line(capsys)
+
+
+def test_csv_manifest_of_mixed_formats_trains_single_channel(tmp_path, capsys):
+    """16-bit PNG/TIFF, RGBA, palette and EXIF-rotated JPEG all feed one grey model."""
+    rng = np.random.default_rng(1)
+    rows = ["path,label"]
+    for i in range(6):
+        for label, make in (
+            ("a", lambda: Image.fromarray(rng.integers(0, 65535, (36, 30), dtype=np.uint16))),
+            ("a", lambda: Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), "RGBA")),
+            ("b", lambda: Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).convert("P")),
+            ("b", lambda: Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))),
+        ):
+            image = make()
+            suffix = ".tiff" if image.mode == "I;16" and i % 2 else ".png"
+            name = f"img/{label}_{i}_{image.mode}{suffix}"
+            if image.mode == "RGB":
+                name = f"img/{label}_{i}_rot.jpg"
+                exif = Image.Exif()
+                exif[0x0112] = 6  # rotated 90°
+                (tmp_path / "img").mkdir(exist_ok=True)
+                image.save(tmp_path / name, exif=exif)
+            else:
+                (tmp_path / "img").mkdir(exist_ok=True)
+                image.save(tmp_path / name)
+            rows.append(f"{name},{label}")
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(manifest), "--out", str(out), "--set", "data.channels=1", *QUICK]) == 0
+    assert "test (best epoch 1)" in capsys.readouterr().out
+    import timm  # noqa: F401  (the model was built with one input channel)
+    from safetensors.torch import load_file
+
+    assert load_file(str(out / "checkpoints/best/model.safetensors"))["conv1.weight"].shape[1] == 1

@@ -1,0 +1,27 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Real datasets live next to the repository, never inside it (see ../shared/data/README.md).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder; tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (expected beside the repository)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def neu_det(shared_data: Path) -> Path:
+    """NEU surface-defect images: 6 class folders of 200x200 grayscale JPEGs."""
+    folder = shared_data / "neu-det"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    return folder

@@ -1,0 +1,79 @@
+"""A torch Dataset over labelled image files, decoded lazily one sample at a time."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vision_ft.data.decode import load_image
+from vision_ft.data.discover import Sample
+from vision_ft.errors import VisionFTError
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """(float tensor C x H x W, int label) per sample.
+
+    Each item is read from disk when asked for (nothing is cached), decoded and resized by
+    `load_image` to `image_size` x `image_size` with `channels` channels, then passed through
+    `transform`, an albumentations pipeline from `build_transforms` (called as
+    ``transform(image=array)["image"]``). Without a transform the pixels are only scaled to 0..1.
+
+    With `skip_bad=True` an image that fails to decode (e.g. a file that was damaged after the
+    up-front scan) is replaced by the next readable sample, so a long run does not die on it;
+    otherwise the VisionFTError from the decoder is raised.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: Callable[..., dict] | None,
+        channels: int,
+        image_size: int,
+        skip_bad: bool = False,
+    ) -> None:
+        if channels not in (1, 3):
+            raise VisionFTError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+        self.samples = list(samples)
+        self.labels = [s.label for s in self.samples]
+        self.transform = transform
+        self.channels = channels
+        self.image_size = image_size
+        self.skip_bad = skip_bad
+        self._bad: set[int] = set()  # per process: each worker learns on its own
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def seed_augmentation(self, seed: int) -> None:
+        """Fix the random state of the augmentation pipeline (called by the loader and its workers)."""
+        set_seed = getattr(self.transform, "set_random_seed", None)
+        if callable(set_seed):
+            set_seed(seed)
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        if self.transform is None:
+            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        return self.transform(image=image)["image"]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(len(self.samples)):
+            current = (index + attempt) % len(self.samples)
+            if current in self._bad:
+                continue
+            sample = self.samples[current]
+            try:
+                image = load_image(sample.path, self.channels, self.image_size)
+            except VisionFTError as exc:
+                if not self.skip_bad:
+                    raise
+                self._bad.add(current)
+                log.warning("skipping unreadable image: %s", exc)
+                continue
+            return self._to_tensor(image), sample.label
+        raise VisionFTError(f"none of the {len(self.samples)} images of this dataset could be decoded; check the data folder")

@@ -1,0 +1,278 @@
+"""Find the labelled images of a dataset and the class names, whatever the layout.
+
+Three layouts are understood:
+
+* ImageFolder: ``root/<class>/**/<image>`` (images may sit in sub-folders of a class folder);
+* pre-split: ``root/{train,val,test}/<class>/**/<image>`` (``val`` and ``test`` are optional;
+  the splitter makes the missing ones from ``train``);
+* a CSV manifest (``source`` is a ``.csv`` file) with ``path`` and ``label`` columns, paths
+  relative to the CSV's folder (absolute paths work too), and an optional ``split`` column
+  holding ``train``/``val``/``test``.
+
+Hidden files and folders and OS junk (``.DS_Store``, ``Thumbs.db``, ``__MACOSX``...) are ignored
+silently; any other file that is not an image is recorded in ``DatasetIndex.skipped`` so the
+caller can tell the user. Problems that make training meaningless (no images, an empty class
+folder, a single class) raise ``VisionFTError`` naming the folder or file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vision_ft.errors import VisionFTError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+SPLIT_NAMES = ("train", "val", "test")
+# Files and folders that operating systems and archivers leave behind; never worth a warning.
+_OS_JUNK = frozenset({".ds_store", "thumbs.db", "desktop.ini", "__macosx", "$recycle.bin", "system volume information"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image."""
+
+    path: Path  # absolute
+    label: int  # index into DatasetIndex.class_names
+
+
+@dataclass
+class DatasetIndex:
+    """Everything discovery found under one data source."""
+
+    root: Path
+    class_names: list[str]
+    samples: list[Sample]
+    presplit: dict[str, list[Sample]] | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def is_image_file(path: Path) -> bool:
+    """True when the file name has one of the supported image extensions (any case)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _OS_JUNK
+
+
+def discover(source: Path | str) -> DatasetIndex:
+    """Index the images under `source`: a folder (ImageFolder or pre-split) or a CSV manifest."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise VisionFTError(f"{source} does not exist; pass a folder of class folders or a CSV manifest")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise VisionFTError(f"{source} is a file but not a .csv manifest; pass a folder of class folders or a CSV file")
+        return _discover_csv(source.resolve())
+    root = source.resolve()
+    subfolders = _subfolders(root)
+    split_folders = [d for d in subfolders if d.name in SPLIT_NAMES]
+    if split_folders:
+        others = [d.name for d in subfolders if d.name not in SPLIT_NAMES]
+        if others:
+            raise VisionFTError(
+                f"{root} mixes split folders ({', '.join(d.name for d in split_folders)}) with other folders "
+                f"({', '.join(others[:5])}); use either root/<class>/ or root/{{train,val,test}}/<class>/"
+            )
+        return _discover_presplit(root, split_folders)
+    return _discover_image_folder(root)
+
+
+# ------------------------------------------------------------------ folders
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored(p.name))
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every non-hidden file below `folder`, sorted, following symlinked folders once."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or the same folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        found.extend(Path(dirpath) / name for name in filenames if not _ignored(name))
+    return sorted(found)
+
+
+def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
+    """{class name: image paths} for every class folder of `root`, and the files skipped."""
+    images: dict[str, list[Path]] = {}
+    skipped: list[tuple[Path, str]] = []
+    for entry in sorted(root.iterdir()):
+        if _ignored(entry.name):
+            continue
+        if entry.is_file():
+            reason = "image outside any class folder" if is_image_file(entry) else "not an image"
+            skipped.append((entry, reason))
+            continue
+        if not entry.is_dir():
+            continue
+        files = _walk_files(entry)
+        images[entry.name] = [f for f in files if is_image_file(f)]
+        skipped.extend((f, f"not an image ({f.suffix or 'no extension'})") for f in files if not is_image_file(f))
+    return images, skipped
+
+
+def _check_class_folders(where: Path, images: dict[str, list[Path]], skipped: list[tuple[Path, str]]) -> None:
+    if not any(images.values()):
+        extra = f" ({len(skipped)} other files were ignored)" if skipped else ""
+        raise VisionFTError(
+            f"{where} holds no images{extra}; expected {where}/<class>/*.jpg|png|... "
+            f"(or train/val/test/<class>/...) with extensions {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    empty = [name for name, paths in images.items() if not paths]
+    if empty:
+        raise VisionFTError(
+            f"class folder {where / empty[0]} holds no images"
+            + (f" (nor do {', '.join(empty[1:4])})" if len(empty) > 1 else "")
+            + "; add images to it or remove the folder"
+        )
+
+
+def _check_class_count(where: Path, class_names: list[str]) -> None:
+    if len(class_names) < 2:
+        raise VisionFTError(
+            f"{where} has only one class ({class_names[0]!r}); classification needs at least two class folders"
+        )
+
+
+def _discover_image_folder(root: Path) -> DatasetIndex:
+    images, skipped = _scan_class_folders(root)
+    _check_class_folders(root, images, skipped)
+    class_names = sorted(images)
+    _check_class_count(root, class_names)
+    samples = [Sample(path, label) for label, name in enumerate(class_names) for path in images[name]]
+    return DatasetIndex(root=root, class_names=class_names, samples=samples, presplit=None, skipped=skipped)
+
+
+def _discover_presplit(root: Path, split_folders: list[Path]) -> DatasetIndex:
+    names = {d.name for d in split_folders}
+    if "train" not in names:
+        raise VisionFTError(f"{root} has {', '.join(sorted(names))} folders but no train folder; add {root / 'train'}")
+    per_split: dict[str, dict[str, list[Path]]] = {}
+    skipped: list[tuple[Path, str]] = []
+    for split in SPLIT_NAMES:
+        if split not in names:
+            continue
+        images, split_skipped = _scan_class_folders(root / split)
+        _check_class_folders(root / split, images, split_skipped)
+        per_split[split] = images
+        skipped.extend(split_skipped)
+    # Root-level files next to the split folders are not part of any split.
+    skipped.extend((f, "not inside a split folder") for f in sorted(root.iterdir()) if f.is_file() and not _ignored(f.name))
+
+    class_names = sorted(set().union(*(images.keys() for images in per_split.values())))
+    missing_in_train = [name for name in class_names if name not in per_split["train"]]
+    if missing_in_train:
+        raise VisionFTError(
+            f"class {missing_in_train[0]!r} appears in another split but not in {root / 'train'}; "
+            "every class needs training images: add a train folder for it or remove it from the other splits"
+        )
+    _check_class_count(root / "train", class_names)
+    label_of = {name: label for label, name in enumerate(class_names)}
+    presplit = {
+        split: [Sample(path, label_of[name]) for name in sorted(images) for path in images[name]]
+        for split, images in per_split.items()
+    }
+    samples = [s for split in SPLIT_NAMES for s in presplit.get(split, [])]
+    return DatasetIndex(root=root, class_names=class_names, samples=samples, presplit=presplit, skipped=skipped)
+
+
+# ------------------------------------------------------------------ CSV manifest
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    # Numeric labels sort as numbers, so "10" comes after "9" and label indices read naturally.
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _discover_csv(csv_path: Path) -> DatasetIndex:
+    root = csv_path.parent
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: tolerate Excel's byte-order mark
+            reader = csv.DictReader(fh)
+            columns = {(c or "").strip().lower(): c for c in (reader.fieldnames or [])}
+            missing = [c for c in ("path", "label") if c not in columns]
+            if missing:
+                raise VisionFTError(
+                    f"{csv_path} lacks the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                    f"(found: {', '.join(columns) or 'none'}); the manifest needs a header row with path,label[,split]"
+                )
+            rows = [(line, row) for line, row in enumerate(reader, start=2)]
+    except UnicodeDecodeError as exc:
+        raise VisionFTError(f"{csv_path} is not UTF-8 text ({exc.reason}); save the manifest as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise VisionFTError(f"{csv_path} is not a readable CSV file ({exc}); fix the manifest") from None
+
+    split_column = columns.get("split")
+    entries: list[tuple[Path, str, str | None]] = []
+    skipped: list[tuple[Path, str]] = []
+    not_found: list[str] = []
+    seen: dict[Path, int] = {}
+    for line, row in rows:
+        raw_path = (row.get(columns["path"]) or "").strip()
+        label = (row.get(columns["label"]) or "").strip()
+        if not raw_path and not label and not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue  # blank line
+        if not raw_path or not label:
+            raise VisionFTError(f"{csv_path} line {line}: empty {'path' if not raw_path else 'label'}; every row needs both")
+        split: str | None = None
+        if split_column is not None:
+            split = (row.get(split_column) or "").strip().lower()
+            if split not in SPLIT_NAMES:
+                raise VisionFTError(
+                    f"{csv_path} line {line}: split {split!r} is not one of train, val, test; fix the split column"
+                )
+        path = Path(os.path.normpath(root / raw_path))
+        if path in seen:
+            raise VisionFTError(
+                f"{csv_path} line {line}: {raw_path} is already listed on line {seen[path]}; list each image once"
+            )
+        seen[path] = line
+        if not is_image_file(path):
+            skipped.append((path, f"not an image ({path.suffix or 'no extension'}), {csv_path.name} line {line}"))
+            continue
+        if not path.is_file():
+            not_found.append(f"{raw_path} (line {line})")
+            continue
+        entries.append((path, label, split))
+
+    if not_found:
+        more = f" and {len(not_found) - 3} more" if len(not_found) > 3 else ""
+        raise VisionFTError(
+            f"{csv_path}: {len(not_found)} listed image{'s' if len(not_found) > 1 else ''} not found: "
+            f"{', '.join(not_found[:3])}{more}; paths are relative to the CSV's folder {root}"
+        )
+    if not entries:
+        raise VisionFTError(f"{csv_path} lists no images; add rows of path,label")
+    class_names = _sorted_labels({label for _, label, _ in entries})
+    _check_class_count(csv_path, class_names)
+    label_of = {name: index for index, name in enumerate(class_names)}
+    samples = [Sample(path, label_of[label]) for path, label, _ in entries]
+
+    presplit: dict[str, list[Sample]] | None = None
+    if split_column is not None:
+        presplit = {}
+        for sample, (_, _, split) in zip(samples, entries):
+            presplit.setdefault(split or "train", []).append(sample)
+        if "train" not in presplit:
+            raise VisionFTError(f"{csv_path} has no rows with split 'train'; mark the training images as train")
+        in_train = {s.label for s in presplit["train"]}
+        lacking = [class_names[label] for label in range(len(class_names)) if label not in in_train]
+        if lacking:
+            raise VisionFTError(
+                f"{csv_path}: class {lacking[0]!r} has no rows with split 'train'; every class needs training images"
+            )
+        presplit = {name: presplit[name] for name in SPLIT_NAMES if name in presplit}
+    return DatasetIndex(root=root, class_names=class_names, samples=samples, presplit=presplit, skipped=skipped)
