@@ -78,7 +78,7 @@ class EarlyStoppingConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)

@@ -8,6 +8,7 @@ calls ``loader.sampler.set_epoch(epoch)`` before each epoch.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -117,6 +118,11 @@ def _labels_of(dataset: Dataset) -> list[int]:
 def _seed_worker(worker_id: int) -> None:
     """Seed a loader worker from its torch seed (base seed from the loader's generator + worker id)."""
     seed = torch.initial_seed()
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        # torch already runs workers single-threaded; OpenCV (albumentations' backend) would start
+        # a thread per core in every worker and oversubscribe the CPU.
+        cv2.setNumThreads(1)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     info = get_worker_info()
