@@ -114,17 +114,38 @@ def eval_command(
         typer.echo(json.dumps({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")}))
 
 
+def _is_onnx_model(source: Path) -> bool:
+    """A model file (for the runtime) rather than a run folder."""
+    return source.suffix.lower() == ".onnx" or source.is_file()
+
+
 @app.command()
 def predict(
-    source: Annotated[Path, typer.Argument(help="Run folder (or, with the deployment extra, a model.onnx).")],
+    source: Annotated[Path, typer.Argument(help="Run folder, or a model.onnx written by `vision-ft export`.")],
     path: Annotated[Path, typer.Argument(help="An image or a folder of images.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV file to write (default: print to stdout).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many ranked labels per image.")] = 3,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", help="Label images whose top score is below this probability 'uncertain' (for manual inspection).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
 ) -> None:
-    """Label images with a trained run; CSV with path, label, score and top-k scores."""
-    from vision_ft.predict import predict_run, write_predictions_csv
+    """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
+    from vision_ft.predict import collect_images, predict_run, prediction_header, prediction_rows, write_predictions_csv
+    from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
 
-    header, rows = predict_run(source, path, top_k=top_k)
+    check_threshold(threshold)
+    if _is_onnx_model(source):
+        from tqdm import tqdm
+
+        model = load_model(source)
+        images = collect_images(path)
+        top_k = max(1, min(top_k, len(model.class_names)))
+        with tqdm(total=len(images), desc="predict", unit="img", leave=False) as bar:
+            probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
+        header, rows = prediction_header(top_k), prediction_rows(images, probs, model.class_names, top_k)
+    else:
+        header, rows = predict_run(source, path, top_k=top_k, batch_size=batch_size)
+    rows = mark_uncertain(rows, threshold)
     if out:
         write_predictions_csv(out, header, rows)
         typer.echo(f"{len(rows)} predictions written to {out}")
@@ -132,6 +153,52 @@ def predict(
         typer.echo(",".join(header))
         for row in rows:
             typer.echo(",".join(row))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `vision-ft train`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="ONNX file to write (default: RUN/model.onnx).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing model files.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write a static INT8 model (<out>.int8.onnx) and report its accuracy and speed change.")] = False,
+    tolerance: Annotated[Optional[float], typer.Option(
+        "--tolerance", min=0.0, help="Largest onnxruntime-vs-torch logit difference accepted (default 1e-3 for logits up to 10).")] = None,
+    calibration_images: Annotated[int, typer.Option("--calibration-images", min=1, help="Training images to calibrate INT8 ranges on.")] = 128,
+) -> None:
+    """Export a run's best checkpoint to ONNX (LoRA merged, dynamic batch, metadata), verified against torch."""
+    from vision_ft.export import OPSET, TOLERANCE, export_run
+    from vision_ft.quantize import check_destination, int8_path
+    from vision_ft.run_folder import RunFolder
+
+    if int8:  # refuse before the slow export, not after it
+        check_destination(int8_path(out or RunFolder(run).onnx), force)
+    result = export_run(run, out, force=force, tolerance=TOLERANCE if tolerance is None else tolerance, echo=typer.echo)
+    size_mb = result.path.stat().st_size / 1e6
+    typer.echo(f"wrote {result.path} (opset {OPSET}, {size_mb:.1f} MB, {result.seconds:.1f} s)")
+    if int8:
+        _quantize(run, result.path, int8_path(result.path), force, calibration_images)
+
+
+def _quantize(run: Path, model: Optional[Path], out: Optional[Path], force: bool, calibration_images: int) -> None:
+    from vision_ft.quantize import quantize_run
+
+    result = quantize_run(run, source=model, out=out, force=force, calibration_count=calibration_images, echo=typer.echo)
+    for line in result.summary():
+        typer.echo(line)
+    typer.echo(f"wrote {result.path}")
+
+
+@app.command()
+def quantize(
+    run: Annotated[Path, typer.Argument(help="Run folder with an exported model.onnx.")],
+    model: Annotated[Optional[Path], typer.Option("--model", help="The fp32 ONNX model (default: RUN/model.onnx).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="INT8 model to write (default: model.int8.onnx beside --model).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    calibration_images: Annotated[int, typer.Option("--calibration-images", min=1, help="Training images to calibrate INT8 ranges on.")] = 128,
+) -> None:
+    """Static INT8 quantization of an exported model, calibrated on the run's training images; reports
+    the accuracy change on the test split and the speed change."""
+    _quantize(run, model, out, force, calibration_images)
 
 
 @weights_app.command(name="import")

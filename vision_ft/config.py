@@ -104,7 +104,7 @@ class LoRAConfig(_Strict):
 
 class FinetuneConfig(_Strict):
     strategy: Literal["full", "linear_probe", "partial", "progressive", "lora"] = "full"
-    # partial: how many layer groups, counted from the stem, stay frozen.
+    # partial: how many layer groups, counted from the stem, stay frozen; progressive: how many never unfreeze.
     freeze_groups: int = Field(0, ge=0)
     # progressive: unfreeze one more group (top-down) every N epochs, or at these epochs.
     unfreeze_every: int | None = Field(2, ge=1)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -34,7 +35,7 @@ from vision_ft.data.loaders import build_loader, class_counts
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.errors import VisionFTError
-from vision_ft.finetune.build import build_strategy
+from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.metrics import compute_metrics, format_summary
 from vision_ft.models.create import check_model_name
@@ -221,6 +222,16 @@ def _train_one_epoch(
     return distributed.mean_across_ranks(context, total_loss / max(seen, 1)), step
 
 
+def _save_checkpoint(folder: Path, model: nn.Module, state: dict[str, Any], strategy: Strategy,
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+    """A checkpoint plus the strategy's extra files (LoRA: adapter.safetensors), written first so
+    that state.json, written last, marks a complete folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, tensors in strategy.extra_checkpoint_files(model).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / filename))
+    save_checkpoint(folder, model, state, optimizer)
+
+
 def _is_better(score: float | None, best: float | None, metric: str) -> bool:
     if score is None or (isinstance(score, float) and math.isnan(score)):
         return False
@@ -256,6 +267,7 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 check_model_name(config.model.name)
                 validate_augment_spec(config.data.augment.train)
                 class_names, splits, index = _check_data_and_split(config)
+                check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
                 run = create_run_folder(out, force=force)
                 save_config(config, run.config)
                 save_split(run.split, splits, index, config.data.split_seed)
@@ -374,8 +386,8 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
             state.update(epoch=epoch, stopped_early=stop and epoch < config.train.epochs,
                          strategy=strategy.state_dict())
             if improved:
-                save_checkpoint(run.best, model, state)
-            save_checkpoint(run.last, model, state, optimizer)
+                _save_checkpoint(run.best, model, state, strategy)
+            _save_checkpoint(run.last, model, state, strategy, optimizer)
             log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
                      format_summary({k[4:]: v for k, v in row.items() if k.startswith("val_")}), row["seconds"],
                      "  *best*" if improved else "")

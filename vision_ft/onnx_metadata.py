@@ -1,0 +1,140 @@
+"""The deployment contract stored inside an exported ONNX model.
+
+Everything an application needs to turn an image into the model's input, and the model's output
+into a label, travels in the model file as ONNX ``metadata_props``: one key per field, named
+``vision_ft.<field>``, each value JSON-encoded (Netron and ``onnx`` list them as a readable
+table). Imports only the standard library, so the torch-free runtime can read it.
+
+The preprocessing it describes is the training evaluation pipeline:
+
+1. ``vision_ft.data.decode.load_image(source, channels, input_size)``: decode, EXIF orientation,
+   8-bit conversion, channel conversion, Pillow bilinear resize to ``input_size`` (no crop);
+2. ``(pixel / 255 - mean) / std`` per channel, as float32;
+3. H x W x C -> C x H x W, stacked into an N x C x H x W batch.
+
+The output named ``output_name`` holds logits (N x classes); softmax gives probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from vision_ft.errors import VisionFTError
+
+# Bump when a field changes meaning; readers refuse newer formats instead of guessing.
+METADATA_FORMAT = 1
+PREFIX = "vision_ft."
+FORMAT_KEY = PREFIX + "format"
+
+# The preprocessing steps this version of vision-ft implements (see the module docstring).
+RESIZE_POLICY = "pil_bilinear"
+CROP_POLICY = "none"
+DECODE_POLICY = 1  # the policy documented in vision_ft.data.decode
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What an exported model needs around it: class names, input geometry, normalisation, provenance."""
+
+    class_names: list[str]
+    input_size: list[int]  # [height, width] the image is resized to
+    channels: int  # 1 (grayscale) or 3 (RGB)
+    mean: list[float]  # per channel, on the 0..1 pixel scale
+    std: list[float]
+    backbone: str  # the timm model name
+    vision_ft_version: str
+    split_fingerprint: str  # vision_ft.data.split.split_fingerprint of the training split
+    finetune_strategy: str = "full"
+    resize: str = RESIZE_POLICY
+    crop: str = CROP_POLICY
+    decode_policy: int = DECODE_POLICY
+    input_name: str = "image"
+    output_name: str = "logits"
+    quantization: str = "none"  # "none" or "int8-static-qdq"
+    # Largest |onnxruntime - torch| logit difference measured when the model was exported.
+    verified_max_abs_diff: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_properties(self) -> dict[str, str]:
+        """ONNX ``metadata_props`` entries: ``vision_ft.<field>`` -> JSON text."""
+        properties = {FORMAT_KEY: json.dumps(METADATA_FORMAT)}
+        for name, value in asdict(self).items():
+            properties[PREFIX + name] = json.dumps(value)
+        return properties
+
+    @classmethod
+    def from_properties(cls, properties: Mapping[str, str], source: str) -> "ModelMetadata":
+        """Parse the entries written by `to_properties`; `source` names the model file in errors.
+
+        Raises:
+            VisionFTError: no vision-ft metadata, a newer format, or a missing or malformed field.
+        """
+        if FORMAT_KEY not in properties:
+            raise VisionFTError(
+                f"{source} has no vision-ft metadata (class names, input size, normalisation); "
+                "export the model with `vision-ft export RUN`"
+            )
+        try:
+            version = int(json.loads(properties[FORMAT_KEY]))
+        except (ValueError, TypeError):
+            raise VisionFTError(f"{source}: metadata key {FORMAT_KEY} is malformed; export the model again") from None
+        if version > METADATA_FORMAT:
+            raise VisionFTError(
+                f"{source} was exported by a newer vision-ft (metadata format {version}, this one reads "
+                f"{METADATA_FORMAT}); upgrade vision-ft"
+            )
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            key = PREFIX + spec.name
+            if key not in properties:
+                if spec.default is not MISSING or spec.default_factory is not MISSING:
+                    continue  # optional: older exports may lack it
+                raise VisionFTError(f"{source}: metadata key {key} is missing; export the model again")
+            try:
+                values[spec.name] = json.loads(properties[key])
+            except ValueError:
+                raise VisionFTError(f"{source}: metadata key {key} is not valid JSON; export the model again") from None
+        metadata = cls(**values)
+        metadata.check(source)
+        return metadata
+
+    def check(self, source: str) -> None:
+        """Raise VisionFTError when the fields are inconsistent or ask for preprocessing we lack."""
+        problems = []
+        if not self.class_names or not all(isinstance(n, str) for n in self.class_names):
+            problems.append("class_names must be a non-empty list of strings")
+        if len(self.input_size) != 2 or not all(isinstance(v, int) and v > 0 for v in self.input_size):
+            problems.append(f"input_size {self.input_size} must be [height, width]")
+        if self.channels not in (1, 3):
+            problems.append(f"channels {self.channels} must be 1 or 3")
+        if len(self.mean) != self.channels or len(self.std) != self.channels or any(s <= 0 for s in self.std):
+            problems.append(f"mean {self.mean} / std {self.std} must have {self.channels} values, std > 0")
+        if problems:
+            raise VisionFTError(f"{source}: bad vision-ft metadata ({problems[0]}); export the model again")
+        policy = (self.resize, self.crop, self.decode_policy)
+        if policy != (RESIZE_POLICY, CROP_POLICY, DECODE_POLICY):
+            raise VisionFTError(
+                f"{source} needs preprocessing resize={self.resize}, crop={self.crop}, decode policy "
+                f"{self.decode_policy}, which this vision-ft does not implement; upgrade vision-ft"
+            )
+
+
+def write_metadata(proto: Any, metadata: ModelMetadata, description: str | None = None) -> None:
+    """Store `metadata` in an ``onnx.ModelProto`` (in place), replacing earlier vision-ft entries.
+
+    Entries of other tools are kept. `description` becomes the model's doc_string.
+    """
+    properties = metadata.to_properties()
+    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PREFIX)]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *properties.items()]:
+        proto.metadata_props.add(key=key, value=value)
+    if description is not None:
+        proto.doc_string = description
+
+
+def read_metadata(proto: Any, source: str) -> ModelMetadata:
+    """The vision-ft metadata of an ``onnx.ModelProto``; see `ModelMetadata.from_properties`."""
+    return ModelMetadata.from_properties({p.key: p.value for p in proto.metadata_props}, source)
