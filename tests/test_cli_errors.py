@@ -93,6 +93,9 @@ def test_weights_that_do_not_fit(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--model", "resnet18", "--out", str(tmp_path / "r"),
                  *QUICK[:-2], "--weights", str(weights)]) == 2
     assert "hold 80 tensors the model does not have (first: 'layer1.2.conv1.weight')" in _error_line(capsys)
+    # The failed run left no folder behind, so the corrected command needs no --force.
+    assert not (tmp_path / "r").exists()
+    assert main(["train", "--data", str(data), "--model", "resnet18", "--out", str(tmp_path / "r"), *QUICK]) == 0
 
 
 def test_bad_config_key_and_value(tmp_path, capsys):

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ def _setup_logging(context: distributed.Context, log_file: Path | None) -> None:
     log.propagate = False
     for handler in list(log.handlers):
         log.removeHandler(handler)
+        handler.close()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
@@ -284,6 +286,20 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
 def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> TrainResult:
     _setup_logging(context, None)
     run, class_names, splits = _prepare_run(config, out, force, resume, context)
+    try:
+        return _run_training(config, run, class_names, splits, resume, context)
+    except VisionFTError:
+        # A new run that failed before its first checkpoint (weights that do not fit, no network
+        # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
+        # command run without --force. A resumed or checkpointed run is kept for --resume.
+        if not resume and context.is_main and not (run.last / "state.json").is_file():
+            _setup_logging(context, None)  # closes train.log before its folder goes
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
+
+
+def _run_training(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
+                  resume: bool, context: distributed.Context) -> TrainResult:
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
     log.info("run folder %s", run.root)

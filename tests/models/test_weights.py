@@ -32,6 +32,26 @@ def test_local_file_loads_with_head_dropped_for_new_classes(tmp_path):
     assert not report.unexpected
     assert torch.equal(model.conv1.weight, state["conv1.weight"])
     assert model.fc.out_features == 4
+    # The new head starts small, so every class starts near equal probability on real features.
+    assert model.fc.weight.abs().max() <= 0.02 and not model.fc.bias.any()
+
+
+def test_new_head_starts_near_uniform_on_an_efficientnet(tmp_path):
+    # EfficientNet's own head init (uniform +-1/sqrt(classes)) gives a 2-class head logits of
+    # +-15 on pretrained features; the replaced head must start far smaller.
+    torch.manual_seed(0)
+    source = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    path = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = create_model("tf_efficientnet_lite0", num_classes=2, weights=str(path)).eval()
+    scratch = create_model("tf_efficientnet_lite0", num_classes=2, weights="none").eval()
+    scratch.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")},
+                            strict=False)  # same backbone, timm's own head init
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        new_logits, timm_logits = model(images), scratch(images)
+    assert new_logits.abs().max() < 0.1 * timm_logits.abs().max()
+    assert scratch.classifier.weight.abs().max() > 0.1  # training from scratch keeps timm's init
 
 
 def test_pth_with_wrapper_and_module_prefix(tmp_path):

@@ -28,6 +28,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     dropped_head: list[str] = field(default_factory=list)
     adapted_stem: str | None = None
+    head_absent: bool = False  # the file has no classifier tensors (a backbone-only export)
 
     def summary(self) -> str:
         parts = [f"{self.matched} tensors matched"]
@@ -117,6 +118,7 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: st
                 )
         to_load[key] = tensor.to(target.dtype)
     report.matched = len(to_load)
+    report.head_absent = not any(k.startswith(p + ".") for k in state for p in head_prefixes)
     report.missing = [
         k for k in own if k not in to_load and not k.endswith("num_batches_tracked")
         and not any(k.startswith(p + ".") for p in head_prefixes)
