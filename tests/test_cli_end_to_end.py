@@ -43,8 +43,14 @@ def trained_run(neu_subset, tmp_path_factory) -> Path:
 def test_train_leaves_a_complete_run_folder(trained_run, capsys):
     for name in ("config.yaml", "split.json", "metrics.jsonl", "metrics.json", "report.md", "train.log",
                  "checkpoints/best/model.safetensors", "checkpoints/last/optimizer.safetensors",
-                 "plots/confusion_test.png", "plots/training_curves.png"):
+                 "plots/confusion_test.png", "plots/training_curves.png", "model.onnx"):
         assert (trained_run / name).is_file(), name
+    # The ONNX model written at the end of training predicts like the best checkpoint.
+    from vision_ft.runtime import load_model
+
+    model = load_model(trained_run / "model.onnx")
+    assert model.class_names == list(CLASSES)
+    assert "model.onnx" in (trained_run / "report.md").read_text()
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for split in ("val", "test"):
         assert {"accuracy", "balanced_accuracy", "macro_f1", "auroc"} <= metrics[split].keys()
@@ -96,7 +102,7 @@ def test_resume_continues_from_the_last_checkpoint(trained_run, tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(neu_subset, tmp_path, monkeypatch):
     # No augmentation: then the only randomness is the epoch's shuffle, which is seeded by epoch.
-    same = ["--set", "train.epochs=3", "--set", "data.augment.train=[]", *FAST]
+    same = ["--set", "train.epochs=3", "--set", "data.augment.train=[]", "--set", "export.onnx=false", *FAST]
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     assert main(["train", "--data", str(neu_subset), "--out", str(whole), *same]) == 0
 

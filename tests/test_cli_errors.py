@@ -8,7 +8,7 @@ from PIL import Image
 
 from vision_ft.cli import main
 
-QUICK = ["--set", "data.image_size=32", "--set", "data.workers=0", "--set", "train.epochs=1",
+QUICK = ["--set", "export.onnx=false", "--set", "data.image_size=32", "--set", "data.workers=0", "--set", "train.epochs=1",
          "--set", "train.batch_size=8", "--weights", "none"]
 
 

@@ -34,6 +34,7 @@ def test_two_process_ddp_run(tmp_path):
     # Only rank 0 writes: one log line per epoch, one final summary on stdout.
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert done.stdout.count("run folder:") == 1
+    assert (out / "model.onnx").is_file()  # exported once, by rank 0, while rank 1 waits
     # 28 training images shared by 2 ranks: 14 each, 1 full batch of 8 per epoch (vs 3 in one process).
     train_images = len(json.loads((out / "split.json").read_text())["splits"]["train"])
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())

@@ -25,7 +25,7 @@ from vision_ft.runtime import UNCERTAIN, load_model, open_session
 
 CLASSES = ("crazing", "inclusion", "scratches")
 PER_CLASS = 12
-FAST = ["--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=12",
+FAST = ["--set", "export.onnx=false", "--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=12",
         "--set", "train.warmup_epochs=0", "--set", "train.epochs=1", "--weights", "none", "--model", "resnet18"]
 
 pytestmark = pytest.mark.slow

@@ -86,6 +86,9 @@ def train(
     result = run_training(cfg, out, force=force, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"run folder: {result.run_dir}")
+        onnx_model = result.run_dir / "model.onnx"
+        if onnx_model.is_file():
+            typer.echo(f"ONNX model: {onnx_model}")
         for split in ("val", "test"):
             if split in result.metrics:
                 _echo_metrics(f"{split} (best epoch {result.best_epoch})", result.metrics[split])

@@ -118,11 +118,17 @@ class FinetuneConfig(_Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
 
+class ExportConfig(_Strict):
+    # Write RUN/model.onnx (LoRA merged, checked against onnxruntime) when training ends.
+    onnx: bool = True
+
+
 class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
 
 def _allowed_keys(model_cls: type[BaseModel]) -> list[str]:

@@ -50,6 +50,9 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
         "- `split.json`: the exact train/val/test split",
         "- `metrics.jsonl`: one line per epoch; `metrics.json`: final val/test metrics",
         "- `checkpoints/best`, `checkpoints/last`: weights (safetensors) and state (JSON)",
-        "",
     ]
+    if run.onnx.is_file():
+        lines.append("- `model.onnx`: the best checkpoint for onnxruntime (`vision-ft predict model.onnx IMAGES`, "
+                     "`vision_ft.runtime`), class names and preprocessing in its metadata")
+    lines.append("")
     run.report.write_text("\n".join(lines))

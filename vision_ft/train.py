@@ -437,5 +437,21 @@ def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, 
     run.metrics.write_text(json.dumps(metrics, indent=1))
     if state["history"]:
         plot_training_curves(state["history"], run.plots / "training_curves.png", config.train.early_stopping.metric)
+    if config.export.onnx:
+        _export_onnx(run)
     write_report(run, config, class_names, metrics, state)
     return metrics
+
+
+def _export_onnx(run: RunFolder) -> None:
+    """RUN/model.onnx from the best checkpoint. A model that cannot be exported costs the run
+    nothing: the checkpoints stay, and the warning says how to retry."""
+    from vision_ft.export import export_run
+
+    try:
+        result = export_run(run.root, force=True, echo=log.info)
+    except VisionFTError as exc:
+        log.warning("no ONNX model written: %s; retry with `vision-ft export %s` (or set export.onnx=false)",
+                    exc, run.root)
+        return
+    log.info("ONNX model %s (%.1f MB, verified against onnxruntime)", result.path, result.path.stat().st_size / 1e6)

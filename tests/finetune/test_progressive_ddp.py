@@ -23,7 +23,7 @@ needs_neu = pytest.mark.skipif(not NEU.is_dir(), reason="needs the NEU-DET image
 # Epoch 1 trains fc, 2 adds layer4, 3 adds layer3, 4 adds layer2 (resnet18 has 6 layer groups).
 PROGRESSIVE = ["--set", "finetune.strategy=progressive", "--set", "finetune.unfreeze_every=1",
                "--set", "finetune.lr_decay=0.7", "--set", "finetune.group_warmup_epochs=0.5"]
-FAST = ["--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
+FAST = ["--set", "export.onnx=false", "--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
         "--set", "train.warmup_epochs=0", "--set", "data.augment.train=[]", "--weights", "none",
         "--model", "resnet18"]
 

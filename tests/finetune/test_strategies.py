@@ -328,7 +328,7 @@ def test_lora_backend_comes_from_the_config_and_auto_leaves_the_env_var_in_charg
 # ---------------------------------------------------------------- end to end on real images
 
 NEU = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "neu-det"
-FAST = ["--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
+FAST = ["--set", "export.onnx=false", "--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
         "--set", "train.warmup_epochs=0", "--weights", "none", "--model", "resnet18"]
 
 
