@@ -22,7 +22,9 @@ step (about 0.4 ms per MiB here), so extra activation-sized tensors are the thin
 
 1x1 stride-1 convs over large images run as batched GEMMs on the NCHW planes instead of
 oneDNN convs: that skips oneDNN's NCHW <-> blocked reorders (tf_efficientnet_lite0's first
-16 -> 96 expansion: 0.7x the frozen conv's time).
+16 -> 96 expansion: 0.7x the frozen conv's time). Their rank-r products (u and dA) are batched
+GEMMs at every image size: a oneDNN conv with r = 8 output channels pays the same reorders for
+almost no arithmetic (whole tf_efficientnet_lite0 step: 1.137x -> 1.120x the frozen floor).
 
 W_eff is cached per adapter and rebuilt only when W, A or B changed (version counters), i.e.
 once per training step and never during evaluation.
@@ -99,9 +101,13 @@ def _is_channels_last(t: Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
-def _uses_gemm(x: Tensor, weight: Tensor, stride, padding, out_pixels: int) -> bool:
+def _is_pointwise(x: Tensor, weight: Tensor, stride, padding) -> bool:
     return (weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
-            and x.is_contiguous() and out_pixels >= GEMM_1X1_MIN_PIXELS)
+            and x.is_contiguous())
+
+
+def _uses_gemm(x: Tensor, weight: Tensor, stride, padding, out_pixels: int) -> bool:
+    return _is_pointwise(x, weight, stride, padding) and out_pixels >= GEMM_1X1_MIN_PIXELS
 
 
 class _LoRAConv2dFunction(torch.autograd.Function):
@@ -111,20 +117,24 @@ class _LoRAConv2dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, stride, padding, dilation, w_eff):  # type: ignore[override]
         n, cin, height, width = x.shape
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        gemm = _uses_gemm(x, weight, stride, padding, height * width)
-        u = None
+        pointwise = _is_pointwise(x, weight, stride, padding)
+        gemm = pointwise and height * width >= GEMM_1X1_MIN_PIXELS
         if gemm:
             planes = x.view(n, cin, height * width)
             y = _batched_left_product(w_eff.view(w_eff.shape[0], cin), planes).view(n, -1, height, width)
             if bias is not None:
                 y += bias.to(y.dtype).view(1, -1, 1, 1)
-            if need_b and not need_w:
-                u = _batched_left_product(lora_a.to(x.dtype).view(lora_a.shape[0], cin), planes).view(n, -1, height, width)
         else:
             y = F.conv2d(x, w_eff, bias if bias is None else bias.to(x.dtype), stride, padding, dilation)
-            if need_b and not need_w:
+        u = None
+        if need_b and not need_w:
+            if pointwise:
+                u = _batched_left_product(lora_a.to(x.dtype).view(lora_a.shape[0], cin),
+                                          x.view(n, cin, height * width)).view(n, -1, height, width)
+            else:
                 u = F.conv2d(x, lora_a.to(x.dtype), None, stride, padding, dilation)
         ctx.scaling, ctx.stride, ctx.padding, ctx.dilation, ctx.gemm = scaling, stride, padding, dilation, gemm
+        ctx.pointwise = pointwise
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None, lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(x, w_eff, lora_a, lora_b, u)
         return y
@@ -165,7 +175,7 @@ class _LoRAConv2dFunction(torch.autograd.Function):
                         grad_y, x, w_eff, *conv_args, (True, False, False))[0]
             if need_a:
                 grad_u = _channel_product(grad_y, (lora_b * scaling).to(dtype))  # scaling * B^T dy
-                if ctx.gemm:
+                if ctx.pointwise:
                     grad_a = _gemm_backward(grad_u, x, lora_a, False, True)[1]
                 else:
                     grad_a = torch.ops.aten.convolution_backward(

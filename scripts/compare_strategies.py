@@ -110,7 +110,7 @@ def run_one(name: str, overrides: list[str], args: argparse.Namespace, data: Pat
         f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"data.workers={args.workers}",
         f"train.seed={args.seed}", f"data.split_seed={args.seed}",
         # Every run trains all its epochs and is judged by its best-validation checkpoint.
-        f"train.early_stopping.patience={args.epochs}", *overrides,
+        f"train.early_stopping.patience={args.epochs}", "export.onnx=false", *overrides,
     ], data_path=str(data), model_weights=str(args.weights))
     started, cpu_started = time.time(), cpu_seconds()
     result = train(config, out / name, force=True)

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.real_data import copy_neu_subset, needs_neu
 from vision_ft.cli import main
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-NEU = SHARED_DATA / "neu-det"
 CLASSES = ("crazing", "inclusion", "scratches")
 PER_CLASS = 16
 FAST = ["--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
@@ -19,18 +18,13 @@ FAST = ["--set", "data.image_size=64", "--set", "data.workers=0", "--set", "trai
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not NEU.is_dir(), reason="needs the NEU-DET images in ../shared/data"),
+    needs_neu,
 ]
 
 
 @pytest.fixture(scope="module")
 def neu_subset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("neu")
-    for name in CLASSES:
-        (root / name).mkdir()
-        for image in sorted((NEU / name).glob("*.jpg"))[:PER_CLASS]:
-            shutil.copy(image, root / name / image.name)
-    return root
+    return copy_neu_subset(tmp_path_factory.mktemp("neu"), CLASSES, PER_CLASS)
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,18 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-NEU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "neu-det"
+from tests.real_data import copy_neu_subset, needs_neu
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not NEU.is_dir(), reason="needs ../shared/data/neu-det")]
+pytestmark = [pytest.mark.slow, needs_neu]
 
 
 def test_two_process_ddp_run(tmp_path):
-    data = tmp_path / "data"
-    for name in ("crazing", "inclusion"):
-        (data / name).mkdir(parents=True)
-        for image in sorted((NEU / name).glob("*.jpg"))[:20]:
-            shutil.copy(image, data / name / image.name)
+    data = copy_neu_subset(tmp_path / "data", ("crazing", "inclusion"), 20)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vision_ft.cli", "train",

@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 
+from tests.real_data import copy_neu_subset
 from vision_ft.cli import main
 from vision_ft.data.split import load_split
 from vision_ft.export import OPSET, TOLERANCE, attach_metadata, merge_adapters, partial_path, save_checked, to_onnx, torch_logits
@@ -44,13 +45,8 @@ def _allowed(expected: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def neu_subset(neu_det, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("neu")
-    for name in CLASSES:
-        (root / name).mkdir()
-        for image in sorted((neu_det / name).glob("*.jpg"))[:PER_CLASS]:
-            shutil.copy(image, root / name / image.name)
-    return root
+def neu_subset(tmp_path_factory) -> Path:
+    return copy_neu_subset(tmp_path_factory.mktemp("neu"), CLASSES, PER_CLASS)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from vision_ft.data.loaders import build_loader
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.plots import plot_confusion_matrix
-from vision_ft.run_model import load_run
+from vision_ft.run_model import default_device, load_run
 from vision_ft.train import evaluate_probs, predict_loader
 
 
@@ -38,7 +38,7 @@ def evaluate_run(
     skip_bad_images: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a run's checkpoint on every image under `data` (or one split of a pre-split folder)."""
-    loaded = load_run(run_dir, checkpoint)
+    loaded = load_run(run_dir, checkpoint, default_device())
     cfg = loaded.config
     index = discover(Path(data))
     samples = index.samples

@@ -14,7 +14,7 @@ from vision_ft.data.discover import IMAGE_SUFFIXES, Sample
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
-from vision_ft.run_model import load_run
+from vision_ft.run_model import default_device, load_run
 
 
 def collect_images(path: Path) -> list[Path]:
@@ -60,12 +60,14 @@ def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -
 @torch.no_grad()
 def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of predictions of a run's best checkpoint on `path`."""
-    loaded = load_run(run_dir)
+    device = default_device()
+    loaded = load_run(run_dir, device=device)
     cfg = loaded.config
     images = collect_images(path)
     top_k = max(1, min(top_k, len(loaded.class_names)))
     dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
                            cfg.data.channels, cfg.data.image_size)
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
-    probs = [torch.softmax(loaded.model(x), dim=1).numpy() for x, _ in tqdm(loader, desc="predict", leave=False)]
+    probs = [torch.softmax(loaded.model(x.to(device)), dim=1).cpu().numpy()
+             for x, _ in tqdm(loader, desc="predict", leave=False)]
     return prediction_header(top_k), prediction_rows(images, np.concatenate(probs), loaded.class_names, top_k)

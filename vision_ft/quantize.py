@@ -198,8 +198,8 @@ def quantize_run(
     test_split = "test" if splits.get("test") else "val"
     test = [s for s in splits.get(test_split, []) if s.path.is_file()]
     if not test:
-        raise VisionFTError(f"the run has no readable test or validation images to measure the INT8 model on; "
-                            f"restore the data folder the run was trained on")
+        raise VisionFTError("the run has no readable test or validation images to measure the INT8 model on; "
+                            "restore the data folder the run was trained on")
     echo(f"calibrating on {len(calibration)} training images")
     out.parent.mkdir(parents=True, exist_ok=True)
     quantize_model(source, out, calibration)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vision_ft.checkpoint import load_model_weights
@@ -49,8 +50,13 @@ def build_model(config: Config, num_classes: int, weights: str | None = None) ->
     )
 
 
-def load_run(path: Path, checkpoint: str = "best") -> LoadedRun:
-    """The run's model with the weights of its `best` or `last` checkpoint, in eval mode."""
+def default_device() -> torch.device:
+    """The first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = "cpu") -> LoadedRun:
+    """The run's model with the weights of its `best` or `last` checkpoint, in eval mode on `device`."""
     run = open_run_folder(path)
     config = load_config(run.config)
     class_names, _ = load_split(run.split)
@@ -58,6 +64,6 @@ def load_run(path: Path, checkpoint: str = "best") -> LoadedRun:
     model = build_model(config, len(class_names), weights="none")
     build_strategy(config.finetune).prepare(model)  # gives LoRA runs their adapter modules
     load_model_weights(run.best if checkpoint == "best" else run.last, model)
-    model.eval()
+    model.eval().to(device)
     mean, std = normalisation(config, model)
     return LoadedRun(run, config, class_names, model, mean, std)

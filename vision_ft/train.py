@@ -184,7 +184,7 @@ def _train_one_epoch(
     epoch: int,
 ) -> tuple[float, int]:
     strategy.set_train_mode(model.module if isinstance(model, DistributedDataParallel) else model)
-    total_loss, seen = 0.0, 0
+    total_loss, seen, correct = 0.0, 0, 0
     bar = tqdm(
         loader,
         desc=f"epoch {epoch}/{config.train.epochs}",
@@ -198,7 +198,8 @@ def _train_one_epoch(
         images = images.to(context.device, non_blocking=True)
         labels = labels.to(context.device, non_blocking=True)
         with torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-            loss = loss_fn(model(images).float(), labels)
+            logits = model(images).float()
+            loss = loss_fn(logits, labels)
         if not torch.isfinite(loss):
             raise VisionFTError(
                 f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower train.lr "
@@ -220,7 +221,10 @@ def _train_one_epoch(
         step += 1
         total_loss += loss.item() * len(labels)
         seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        correct += int((logits.detach().argmax(1) == labels).sum())
+        # Running training accuracy: augmented images, weights changing within the epoch.
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     return distributed.mean_across_ranks(context, total_loss / max(seen, 1)), step
 
 

@@ -11,12 +11,23 @@ back to the original. Existing trees are reused, not rewritten.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 FOUR_CLASS_NAMES = {0: "p000", 1: "p033", 2: "p067", 3: "p100"}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Both trees hold the same files: a hard link halves the PNG encoding and the disk use."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(source, target)
 
 
 def write_elpv_folders(out: Path) -> tuple[Path, Path]:
@@ -32,9 +43,11 @@ def write_elpv_folders(out: Path) -> tuple[Path, Path]:
     for index, (image, prob, level, module) in enumerate(zip(images, probs, levels, types)):
         name = f"{module}_{index:04d}.png"
         label = "defective" if prob >= 0.5 else "functional"
-        for folder in (binary / label, four / FOUR_CLASS_NAMES[int(level)]):
+        first, second = binary / label / name, four / FOUR_CLASS_NAMES[int(level)] / name
+        for folder in (first.parent, second.parent):
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(folder / name)
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(first)
+        _link_or_copy(first, second)
     done_marker.write_text(f"{len(images)} images\n")
     return binary, four
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,26 +13,17 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from tests.real_data import copy_neu_subset, needs_neu
 from vision_ft.cli import main
 from vision_ft.config import FinetuneConfig
 from vision_ft.finetune.build import build_strategy
 
-NEU = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "neu-det"
-needs_neu = pytest.mark.skipif(not NEU.is_dir(), reason="needs the NEU-DET images in ../shared/data")
 # Epoch 1 trains fc, 2 adds layer4, 3 adds layer3, 4 adds layer2 (resnet18 has 6 layer groups).
 PROGRESSIVE = ["--set", "finetune.strategy=progressive", "--set", "finetune.unfreeze_every=1",
                "--set", "finetune.lr_decay=0.7", "--set", "finetune.group_warmup_epochs=0.5"]
 FAST = ["--set", "export.onnx=false", "--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
         "--set", "train.warmup_epochs=0", "--set", "data.augment.train=[]", "--weights", "none",
         "--model", "resnet18"]
-
-
-def neu_subset(root: Path, classes: tuple[str, ...], per_class: int) -> Path:
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for image in sorted((NEU / name).glob("*.jpg"))[:per_class]:
-            shutil.copy(image, root / name / image.name)
-    return root
 
 
 def optimizer_groups(run: Path) -> list[tuple[str, int]]:
@@ -44,7 +34,7 @@ def optimizer_groups(run: Path) -> list[tuple[str, int]]:
 @pytest.mark.slow
 @needs_neu
 def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    data = neu_subset(tmp_path / "data", ("crazing", "inclusion", "scratches"), 16)
+    data = copy_neu_subset(tmp_path / "data", ("crazing", "inclusion", "scratches"), 16)
     same = ["--set", "train.epochs=4", *PROGRESSIVE, *FAST]
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     assert main(["train", "--data", str(data), "--out", str(whole), *same]) == 0
@@ -80,7 +70,7 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 @pytest.mark.slow
 @needs_neu
 def test_two_process_ddp_run_unfreezes_groups_mid_run(tmp_path):
-    data = neu_subset(tmp_path / "data", ("crazing", "inclusion"), 20)
+    data = copy_neu_subset(tmp_path / "data", ("crazing", "inclusion"), 20)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vision_ft.cli", "train",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.real_data import copy_neu_subset
 from vision_ft.cli import main
 from vision_ft.config import FinetuneConfig, LoRAConfig
 from vision_ft.errors import VisionFTError
@@ -327,21 +327,13 @@ def test_lora_backend_comes_from_the_config_and_auto_leaves_the_env_var_in_charg
 
 # ---------------------------------------------------------------- end to end on real images
 
-NEU = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "neu-det"
 FAST = ["--set", "export.onnx=false", "--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
         "--set", "train.warmup_epochs=0", "--weights", "none", "--model", "resnet18"]
 
 
 @pytest.fixture(scope="module")
 def neu_small(tmp_path_factory) -> Path:
-    if not NEU.is_dir():
-        pytest.skip("needs the NEU-DET images in ../shared/data")
-    root = tmp_path_factory.mktemp("neu")
-    for name in ("crazing", "inclusion", "scratches"):
-        (root / name).mkdir()
-        for image in sorted((NEU / name).glob("*.jpg"))[:12]:
-            shutil.copy(image, root / name / image.name)
-    return root
+    return copy_neu_subset(tmp_path_factory.mktemp("neu"), ("crazing", "inclusion", "scratches"), 12)
 
 
 @pytest.mark.slow

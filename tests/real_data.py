@@ -1,0 +1,25 @@
+"""Where the tests find real images: the NEU-DET steel-defect folder beside the repository
+(see ../shared/data/README.md), and small class-stratified copies of it for fast runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NEU = SHARED_DATA / "neu-det"
+
+needs_neu = pytest.mark.skipif(not NEU.is_dir(), reason="needs the NEU-DET images in ../shared/data")
+
+
+def copy_neu_subset(root: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """The first `per_class` images of each NEU-DET class copied into `root/<class>/`."""
+    if not NEU.is_dir():
+        pytest.skip("needs the NEU-DET images in ../shared/data")
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for image in sorted((NEU / name).glob("*.jpg"))[:per_class]:
+            shutil.copy(image, root / name / image.name)
+    return root
