@@ -143,7 +143,7 @@ def predict(
         model = load_model(source)
         images = collect_images(path)
         top_k = max(1, min(top_k, len(model.class_names)))
-        with tqdm(total=len(images), desc="predict", unit="img", leave=False) as bar:
+        with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
             probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
         header, rows = prediction_header(top_k), prediction_rows(images, probs, model.class_names, top_k)
     else:

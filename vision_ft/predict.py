@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,5 +70,5 @@ def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | Non
                            cfg.data.channels, cfg.data.image_size)
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
     probs = [torch.softmax(loaded.model(x.to(device)), dim=1).cpu().numpy()
-             for x, _ in tqdm(loader, desc="predict", leave=False)]
+             for x, _ in tqdm(loader, desc="predict", leave=False, disable=not sys.stderr.isatty())]
     return prediction_header(top_k), prediction_rows(images, np.concatenate(probs), loaded.class_names, top_k)
