@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-# Real datasets live next to the repository, never inside it (see ../shared/data/README.md).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.real_data import NEU, SHARED_DATA
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +20,6 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def neu_det(shared_data: Path) -> Path:
     """NEU surface-defect images: 6 class folders of 200x200 grayscale JPEGs."""
-    folder = shared_data / "neu-det"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent")
-    return folder
+    if not NEU.is_dir():
+        pytest.skip(f"{NEU} is absent")
+    return NEU

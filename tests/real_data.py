@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+# Real datasets live next to the repository, never inside it.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NEU = SHARED_DATA / "neu-det"
 

@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.real_data import copy_neu_subset, needs_neu
+from tests.interrupt import interrupt_at_epoch
 from vision_ft.cli import main
 
 CLASSES = ("crazing", "inclusion", "scratches")
@@ -100,18 +101,9 @@ def test_resume_equals_an_uninterrupted_run(neu_subset, tmp_path, monkeypatch):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     assert main(["train", "--data", str(neu_subset), "--out", str(whole), *same]) == 0
 
-    import vision_ft.train as train_module
-
-    real_epoch = train_module._train_one_epoch
-
-    def crash_in_epoch_3(*args, **kwargs):
-        if kwargs.get("epoch", args[-1]) == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_one_epoch", crash_in_epoch_3)
+    stop_interrupting = interrupt_at_epoch(monkeypatch, 3)
     assert main(["train", "--data", str(neu_subset), "--out", str(interrupted), *same]) == 130
-    monkeypatch.setattr(train_module, "_train_one_epoch", real_epoch)
+    stop_interrupting()
     assert main(["train", "--resume", "--out", str(interrupted)]) == 0
 
     a = load_file(str(whole / "checkpoints/last/model.safetensors"))

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.real_data import copy_neu_subset, needs_neu
+from tests.interrupt import interrupt_at_epoch
 from vision_ft.cli import main
 from vision_ft.config import FinetuneConfig
 from vision_ft.finetune.build import build_strategy
@@ -39,19 +40,10 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     assert main(["train", "--data", str(data), "--out", str(whole), *same]) == 0
 
-    import vision_ft.train as train_module
-
-    real_epoch = train_module._train_one_epoch
-
-    def crash_in_epoch_3(*args, **kwargs):
-        if kwargs.get("epoch", args[-1]) == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_one_epoch", crash_in_epoch_3)
+    stop_interrupting = interrupt_at_epoch(monkeypatch, 3)
     assert main(["train", "--data", str(data), "--out", str(interrupted), *same]) == 130
     assert [g for g, _ in optimizer_groups(interrupted)] == ["fc", "fc", "layer4", "layer4"]  # saved after epoch 2
-    monkeypatch.setattr(train_module, "_train_one_epoch", real_epoch)
+    stop_interrupting()
     assert main(["train", "--resume", "--out", str(interrupted)]) == 0
 
     steps = 2  # 33 training images in batches of 16
