@@ -86,6 +86,10 @@ def _classifier_prefixes(model: nn.Module) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+def _is_head_key(key: str, head_prefixes: list[str]) -> bool:
+    return any(key.startswith(prefix + ".") for prefix in head_prefixes)
+
+
 def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
     """Copy matching tensors of `state` into `model`.
 
@@ -103,7 +107,7 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: st
             continue
         target = own[key]
         if tensor.shape != target.shape:
-            if any(key.startswith(p + ".") for p in head_prefixes):
+            if _is_head_key(key, head_prefixes):
                 report.dropped_head.append(key)
                 continue
             if stem and key == f"{stem}.weight" and tensor.dim() == 4 and tensor.shape[1] != target.shape[1]:
@@ -118,10 +122,10 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: st
                 )
         to_load[key] = tensor.to(target.dtype)
     report.matched = len(to_load)
-    report.head_absent = not any(k.startswith(p + ".") for k in state for p in head_prefixes)
+    report.head_absent = not any(_is_head_key(k, head_prefixes) for k in state)
     report.missing = [
         k for k in own if k not in to_load and not k.endswith("num_batches_tracked")
-        and not any(k.startswith(p + ".") for p in head_prefixes)
+        and not _is_head_key(k, head_prefixes)
     ]
     backbone_total = report.matched + len(report.missing)
     if backbone_total and report.matched < 0.5 * backbone_total:
