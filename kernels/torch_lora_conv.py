@@ -26,6 +26,11 @@ oneDNN convs: that skips oneDNN's NCHW <-> blocked reorders (tf_efficientnet_lit
 GEMMs at every image size: a oneDNN conv with r = 8 output channels pays the same reorders for
 almost no arithmetic (whole tf_efficientnet_lite0 step: 1.137x -> 1.120x the frozen floor).
 
+Stride-1 k x k convs on CPU compute u and dA as tap-stacked GEMMs over x's NCHW planes
+(tap_gemm.py), strided 1x1 convs without padding (resnet downsamples) as the pointwise GEMMs on
+x[:, :, ::s, ::s]: both skip the oneDNN reorder of the whole input that an r-channel conv pays
+(whole resnet18 step: 1.10x -> 1.05x the frozen floor).
+
 W_eff is cached per adapter and rebuilt only when W, A or B changed (version counters), i.e.
 once per training step and never during evaluation.
 
@@ -44,13 +49,19 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .reference import lora_delta_weight
+from .tap_gemm import tap_gemm_conv2d, tap_gemm_weight_grad
 
 __all__ = ["torch_lora_conv2d", "grouped_lora_conv2d", "clear_effective_weight_cache"]
 
 # 1x1 convs with at least this many pixels per image take the GEMM route. Measured on
-# tf_efficientnet_lite0's 1x1 convs (batch 32, one thread): GEMMs win from 16x16 up
-# (0.56-0.93x the oneDNN time), lose at 8x8 and below (up to 2x slower).
-GEMM_1X1_MIN_PIXELS = 256
+# tf_efficientnet_lite0's 1x1 convs (batch 32, two threads), forward and input gradient:
+# GEMMs win from 8x8 up (0.1-0.9x the oneDNN time at 16x16 and above, 0.8-1.0x at 8x8) and
+# lose at 4x4 (1.2-1.5x slower).
+GEMM_1X1_MIN_PIXELS = 64
+
+# Stride-1 k x k convs on CPU with at least this many pixels per image compute their rank-r
+# products (u and dA) as tap-stacked GEMMs (see tap_gemm.py): faster from 8x8 up, not at 4x4.
+TAP_GEMM_MIN_PIXELS = 64
 
 
 def _version_key(tensor: Tensor) -> tuple[int, int] | None:
@@ -110,6 +121,24 @@ def _uses_gemm(x: Tensor, weight: Tensor, stride, padding, out_pixels: int) -> b
     return _is_pointwise(x, weight, stride, padding) and out_pixels >= GEMM_1X1_MIN_PIXELS
 
 
+def _rank_route(x: Tensor, weight: Tensor, stride, padding) -> str:
+    """How the rank-r products u = conv(x, A) and dA are computed.
+
+    "pointwise": 1x1 stride 1, batched GEMMs on x's planes; "subsampled": 1x1 strided with no
+    padding on CPU (resnet downsamples), the same GEMMs on x[:, :, ::s, ::s], a quarter-size
+    copy instead of oneDNN's reorder of all of x; "taps": stride-1 k x k on CPU, tap-stacked
+    GEMMs (tap_gemm.py); "conv": oneDNN/cuDNN convolutions.
+    """
+    if _is_pointwise(x, weight, stride, padding):
+        return "pointwise"
+    on_cpu_nchw = x.device.type == "cpu" and x.is_contiguous()
+    if on_cpu_nchw and weight.shape[2:] == (1, 1) and tuple(padding) == (0, 0):
+        return "subsampled"
+    if on_cpu_nchw and tuple(stride) == (1, 1) and x.shape[2] * x.shape[3] >= TAP_GEMM_MIN_PIXELS:
+        return "taps"
+    return "conv"
+
+
 class _LoRAConv2dFunction(torch.autograd.Function):
     """groups == 1 LoRA conv with W_eff forward and backward; no gradient for a frozen W."""
 
@@ -117,8 +146,8 @@ class _LoRAConv2dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, stride, padding, dilation, w_eff):  # type: ignore[override]
         n, cin, height, width = x.shape
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        pointwise = _is_pointwise(x, weight, stride, padding)
-        gemm = pointwise and height * width >= GEMM_1X1_MIN_PIXELS
+        route = _rank_route(x, weight, stride, padding)
+        gemm = route == "pointwise" and height * width >= GEMM_1X1_MIN_PIXELS
         if gemm:
             planes = x.view(n, cin, height * width)
             y = _batched_left_product(w_eff.view(w_eff.shape[0], cin), planes).view(n, -1, height, width)
@@ -126,23 +155,28 @@ class _LoRAConv2dFunction(torch.autograd.Function):
                 y += bias.to(y.dtype).view(1, -1, 1, 1)
         else:
             y = F.conv2d(x, w_eff, bias if bias is None else bias.to(x.dtype), stride, padding, dilation)
+        # The input the rank-r products read: x, or for "subsampled" the pixels a strided 1x1 sees.
+        rank_x = x[:, :, ::stride[0], ::stride[1]].contiguous() if route == "subsampled" else x
         u = None
         if need_b and not need_w:
-            if pointwise:
-                u = _batched_left_product(lora_a.to(x.dtype).view(lora_a.shape[0], cin),
-                                          x.view(n, cin, height * width)).view(n, -1, height, width)
+            if route in ("pointwise", "subsampled"):
+                rows, out_h, out_w = rank_x.shape[1:]
+                u = _batched_left_product(lora_a.to(x.dtype).view(lora_a.shape[0], rows),
+                                          rank_x.view(n, rows, out_h * out_w)).view(n, -1, out_h, out_w)
+            elif route == "taps":
+                u = tap_gemm_conv2d(x, lora_a, stride, padding, dilation)
             else:
                 u = F.conv2d(x, lora_a.to(x.dtype), None, stride, padding, dilation)
         ctx.scaling, ctx.stride, ctx.padding, ctx.dilation, ctx.gemm = scaling, stride, padding, dilation, gemm
-        ctx.pointwise = pointwise
+        ctx.route = route
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None, lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(x, w_eff, lora_a, lora_b, u)
+        ctx.save_for_backward(x, w_eff, lora_a, lora_b, u, rank_x if route == "subsampled" else None)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):  # type: ignore[override]
-        x, w_eff, lora_a, lora_b, u = ctx.saved_tensors
+        x, w_eff, lora_a, lora_b, u, subsampled_x = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         weight_dtype, bias_dtype, lora_a_dtype, lora_b_dtype = ctx.dtypes
         scaling, dtype = ctx.scaling, grad_y.dtype
@@ -175,8 +209,12 @@ class _LoRAConv2dFunction(torch.autograd.Function):
                         grad_y, x, w_eff, *conv_args, (True, False, False))[0]
             if need_a:
                 grad_u = _channel_product(grad_y, (lora_b * scaling).to(dtype))  # scaling * B^T dy
-                if ctx.pointwise:
+                if ctx.route == "pointwise":
                     grad_a = _gemm_backward(grad_u, x, lora_a, False, True)[1]
+                elif ctx.route == "subsampled":
+                    grad_a = _gemm_backward(grad_u, subsampled_x, lora_a, False, True)[1]
+                elif ctx.route == "taps":
+                    grad_a = tap_gemm_weight_grad(grad_u, x, tuple(lora_a.shape[2:]), ctx.stride, ctx.padding, ctx.dilation)
                 else:
                     grad_a = torch.ops.aten.convolution_backward(
                         grad_u, x, lora_a.to(dtype), *conv_args, (False, True, False))[1]

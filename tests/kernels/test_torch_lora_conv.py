@@ -12,6 +12,7 @@ import torch
 import vision_ft_kernels.dispatch as dispatch
 from vision_ft_kernels import lora_conv2d, requested_lora_backend, resolve_lora_backend, set_lora_backend
 from vision_ft_kernels.reference import low_rank_grouped_lora_conv2d, reference_lora_conv2d
+from vision_ft_kernels.tap_gemm import tap_gemm_conv2d, tap_gemm_weight_grad
 import vision_ft_kernels.torch_lora_conv as torch_path
 from vision_ft_kernels.torch_lora_conv import torch_lora_conv2d
 
@@ -21,6 +22,7 @@ SHAPES = {
     "odd_channels_hw_stride2_batch1": (1, 5, 9, 7, 11, 3, 2, 1, 1, 3),
     "dilation2_same": (2, 6, 11, 10, 7, 3, 1, 2, 2, 2),
     "pointwise_1x1": (2, 7, 9, 9, 5, 1, 1, 0, 1, 4),
+    "pointwise_1x1_stride2_odd_hw": (2, 7, 9, 8, 5, 1, 2, 0, 1, 3),
     "5x5_same": (2, 4, 10, 10, 6, 5, 1, 2, 1, 3),
     "5x5_pad0_stride2": (3, 3, 12, 13, 9, 5, 2, 0, 1, 2),
     "rank1_stride2_pad0": (2, 9, 7, 7, 10, 3, 2, 0, 1, 1),
@@ -79,6 +81,53 @@ def test_pointwise_gemm_route_matches_reference(monkeypatch, dtype):
     args = _case((2, 7, 9, 5, 6, 1, 1, 0, 1, 3), torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(lora_conv2d(*args), reference_lora_conv2d(*args), atol=1e-4, rtol=1e-4)
+
+
+# (height, width, kernel, stride, padding (h, w), dilation): odd sizes, taps that see only
+# padding (kernel wider than the image), asymmetric padding pairs, stride and dilation.
+TAP_GEOMETRIES = [
+    (7, 9, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (7, 9, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (8, 5, (3, 3), (1, 1), (2, 2), (2, 2)),
+    (6, 6, (5, 5), (2, 1), (0, 2), (1, 1)),
+    (9, 9, (3, 1), (1, 1), (0, 0), (1, 1)),
+    (4, 4, (7, 7), (2, 2), (3, 3), (1, 1)),
+    (3, 2, (5, 5), (1, 1), (4, 4), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("geometry", TAP_GEOMETRIES, ids=lambda g: "x".join(map(str, g[:2])) + f"_k{g[2]}_s{g[3]}_p{g[4]}_d{g[5]}")
+def test_tap_gemm_products_equal_conv_and_its_weight_gradient(geometry):
+    height, width, kernel, stride, padding, dilation = geometry
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, height, width, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 5, *kernel, generator=g, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation)
+    torch.testing.assert_close(tap_gemm_conv2d(x, weight, stride, padding, dilation), expected, atol=1e-12, rtol=1e-12)
+
+    grad_out = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    expected_grad = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, stride, padding, dilation, False, (0, 0), 1, (False, True, False))[1]
+    got_grad = tap_gemm_weight_grad(grad_out, x, kernel, stride, padding, dilation)
+    assert got_grad.shape == weight.shape
+    torch.testing.assert_close(got_grad.double(), expected_grad, atol=1e-5, rtol=1e-5)  # summed in fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tap_gemm_route_matches_reference(monkeypatch, dtype):
+    # Small images normally take oneDNN for the rank-r products; force the tap-GEMM route.
+    monkeypatch.setattr(torch_path, "TAP_GEMM_MIN_PIXELS", 1)
+    for name in ("ordinary_3x3", "dilation2_same", "5x5_same"):
+        test_matches_reference_output_and_grads(SHAPES[name], dtype)
+    calls = []
+    monkeypatch.setattr(torch_path, "tap_gemm_conv2d", lambda *a: calls.append("u") or tap_gemm_conv2d(*a))
+    monkeypatch.setattr(torch_path, "tap_gemm_weight_grad", lambda *a: calls.append("dA") or tap_gemm_weight_grad(*a))
+    test_matches_reference_output_and_grads(SHAPES["ordinary_3x3"], dtype)
+    assert calls == ["u", "dA"]
+    # Strided convs keep oneDNN: the tap GEMM would compute every input pixel.
+    calls.clear()
+    test_matches_reference_output_and_grads(SHAPES["odd_channels_hw_stride2_batch1"], dtype)
+    assert calls == []
 
 
 @pytest.mark.parametrize("shape", [SHAPES["ordinary_3x3"], SHAPES["odd_channels_hw_stride2_batch1"]], ids=["3x3", "odd"])
