@@ -150,3 +150,15 @@ def test_csv_manifest_of_mixed_formats_trains_single_channel(tmp_path, capsys):
     from safetensors.torch import load_file
 
     assert load_file(str(out / "checkpoints/best/model.safetensors"))["conv1.weight"].shape[1] == 1
+
+
+def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys):
+    assert main(["train", "--bogus"]) == 2
+    assert "No such option: --bogus" in _error_line(capsys)
+    assert main(["nosuch"]) == 2
+    assert "No such command 'nosuch'" in _error_line(capsys)
+    assert main(["train", "--data"]) == 2
+    assert "'--data' requires an argument" in _error_line(capsys)
+    # Two overrides after one --set: the message says how --set works.
+    assert main(["train", "--data", str(tmp_path), "--set", "train.epochs=1", "train.lr=0.1"]) == 2
+    assert "repeat it for each" in _error_line(capsys)

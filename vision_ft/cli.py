@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from vision_ft.errors import VisionFTError
@@ -228,6 +227,21 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# typer raises click's exceptions for command-line mistakes; since typer 0.2x that is typer's own
+# vendored copy of click, not the `click` package. Take the classes from typer itself.
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_error_line(exc: Exception, argv: list[str]) -> str:
+    """click's message for a command-line mistake, on one line, with where to look."""
+    message = exc.format_message().rstrip(".")
+    if "unexpected extra argument" in message and any("=" in arg for arg in argv):
+        return f"{message}: --set takes one KEY=VALUE, repeat it for each (--set train.epochs=6 --set train.lr=1e-3)"
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "vision-ft"
+    return f"{message}; see '{command} --help'"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vision-ft` script; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -237,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     except VisionFTError as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except _CLICK_EXCEPTION as exc:
+        typer.echo(f"error: {_usage_error_line(exc, argv if argv is not None else sys.argv[1:])}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
