@@ -19,6 +19,11 @@ subprocess: on CPU the growth of the resident set size (VmHWM after resetting it
 /proc/self/clear_refs, else ru_maxrss) over the RSS measured just before the first step, so it
 covers activations, gradients, optimizer state and caches; on CUDA
 torch.cuda.max_memory_allocated() minus the memory allocated before the first step.
+
+On CPU the process tunes glibc's malloc the way `vision-ft train` does (vision_ft.cpu_memory:
+freed activations stay in the process instead of being page-faulted in again every step);
+--plain-malloc measures with glibc's defaults. Plain glibc makes every method slower and the
+ratios noisier: how much each step page-faults depends on the heap's history.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import timm
 import torch
 from torch import nn
 
+from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.finetune.lora import apply_lora
 
 MODELS = ("resnet18", "tf_efficientnet_lite0")
@@ -162,7 +168,7 @@ def measure_memory(model_name: str, method: str, args: argparse.Namespace, devic
 def memory_in_subprocess(model_name: str, method: str, args: argparse.Namespace) -> dict[str, object]:
     command = [sys.executable, __file__, "--memory-probe", model_name, method, "--rank", str(args.rank),
                "--batch", str(args.batch), "--size", str(args.size), "--memory-steps", str(args.memory_steps),
-               "--device", args.device]
+               "--device", args.device] + (["--plain-malloc"] if args.plain_malloc else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return {"peak_mib": None, "how": f"probe failed: {result.stderr.strip().splitlines()[-1:]}"}
@@ -226,10 +232,14 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (vision-ft train tunes it on CPU: vision_ft.cpu_memory)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     device = torch.device(args.device)
+    # Measure the step the way `vision-ft train` runs it: on CPU with freed memory kept in the process.
+    malloc = "plain" if args.plain_malloc or device.type != "cpu" else ("tuned" if keep_freed_memory() else "plain (tuning unavailable)")
 
     if args.memory_probe:
         print(json.dumps(measure_memory(*args.memory_probe, args, device)))
@@ -246,7 +256,7 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     load_before = load_average()
     for model_name in args.models:
-        print(f"{model_name}: timing {', '.join(methods)} ({args.steps} interleaved steps each)", flush=True)
+        print(f"{model_name}: timing {', '.join(methods)} ({args.steps} interleaved steps each, malloc {malloc})", flush=True)
         times, cpu_times = time_methods(model_name, methods, args, device)
         medians = {m: statistics.median(v) for m, v in times.items()}
         cpu_medians = {m: statistics.median(v) for m, v in cpu_times.items()}
@@ -281,7 +291,8 @@ def main() -> None:
             **results,
             "settings": {"batch": args.batch, "image_size": args.size, "rank": args.rank, "alpha": 2 * args.rank,
                          "steps": args.steps, "warmup": args.warmup, "optimizer": "AdamW",
-                         "timing": "median of interleaved steps, forward + backward + optimizer step"},
+                         "timing": "median of interleaved steps, forward + backward + optimizer step",
+                         "malloc": malloc},
             "device_info": device_info(device),
             "load_average": {"before": load_before, "after": load_average()},
         }
