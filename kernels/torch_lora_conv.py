@@ -29,7 +29,7 @@ almost no arithmetic (whole tf_efficientnet_lite0 step: 1.137x -> 1.120x the fro
 Stride-1 k x k convs on CPU compute u and dA as tap-stacked GEMMs over x's NCHW planes
 (tap_gemm.py), strided 1x1 convs without padding (resnet downsamples) as the pointwise GEMMs on
 x[:, :, ::s, ::s]: both skip the oneDNN reorder of the whole input that an r-channel conv pays
-(whole resnet18 step: 1.10x -> 1.05x the frozen floor).
+(whole resnet18 step with glibc's default malloc: 1.10x -> 1.04-1.07x the frozen floor).
 
 W_eff is cached per adapter and rebuilt only when W, A or B changed (version counters), i.e.
 once per training step and never during evaluation.
@@ -156,7 +156,8 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         else:
             y = F.conv2d(x, w_eff, bias if bias is None else bias.to(x.dtype), stride, padding, dilation)
         # The input the rank-r products read: x, or for "subsampled" the pixels a strided 1x1 sees.
-        rank_x = x[:, :, ::stride[0], ::stride[1]].contiguous() if route == "subsampled" else x
+        subsample = route == "subsampled" and not need_w and (need_a or need_b)
+        rank_x = x[:, :, ::stride[0], ::stride[1]].contiguous() if subsample else x
         u = None
         if need_b and not need_w:
             if route in ("pointwise", "subsampled"):
@@ -170,7 +171,7 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         ctx.scaling, ctx.stride, ctx.padding, ctx.dilation, ctx.gemm = scaling, stride, padding, dilation, gemm
         ctx.route = route
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None, lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(x, w_eff, lora_a, lora_b, u, rank_x if route == "subsampled" else None)
+        ctx.save_for_backward(x, w_eff, lora_a, lora_b, u, rank_x if subsample else None)
         return y
 
     @staticmethod
