@@ -147,7 +147,7 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         n, cin, height, width = x.shape
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         route = _rank_route(x, weight, stride, padding)
-        gemm = route == "pointwise" and height * width >= GEMM_1X1_MIN_PIXELS
+        gemm = _uses_gemm(x, weight, stride, padding, height * width)
         if gemm:
             planes = x.view(n, cin, height * width)
             y = _batched_left_product(w_eff.view(w_eff.shape[0], cin), planes).view(n, -1, height, width)

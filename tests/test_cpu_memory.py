@@ -15,8 +15,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 _FAULTS_PER_ROUND = """
 import resource, sys, torch
 from vision_ft.cpu_memory import keep_freed_memory
-if sys.argv[1] == "tuned":
-    print("applied", keep_freed_memory(), keep_freed_memory())
+print("applied", keep_freed_memory(), keep_freed_memory())
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def step():
@@ -31,8 +30,8 @@ print("faults", (faults() - start) / 4)
 """
 
 
-def _run(mode: str, **env: str) -> dict[str, str]:
-    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_ROUND, mode], capture_output=True, text=True,
+def _run(**env: str) -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_ROUND], capture_output=True, text=True,
                          env={**os.environ, **env}, check=True).stdout
     return {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()}
 
@@ -40,10 +39,10 @@ def _run(mode: str, **env: str) -> dict[str, str]:
 def test_freed_blocks_are_reused_without_page_faults():
     # Plain glibc may or may not trim here (it depends on the heap's history: in training it did,
     # at 18 % of an epoch); tuned, the freed activations are reused without a single fault.
-    tuned = _run("tuned")
+    tuned = _run()
     assert tuned["applied"] == "True True"  # idempotent
     assert float(tuned["faults"]) < 100  # a round touches 128 MiB = 32768 pages
 
 
 def test_users_own_malloc_settings_win():
-    assert _run("tuned", MALLOC_TRIM_THRESHOLD_="0")["applied"] == "False False"
+    assert _run(MALLOC_TRIM_THRESHOLD_="0")["applied"] == "False False"
