@@ -31,6 +31,12 @@ Stride-1 k x k convs on CPU compute u and dA as tap-stacked GEMMs over x's NCHW 
 x[:, :, ::s, ::s]: both skip the oneDNN reorder of the whole input that an r-channel conv pays
 (whole resnet18 step with glibc's default malloc: 1.10x -> 1.04-1.07x the frozen floor).
 
+Narrow layers take dA and dB from the frozen W's full gradient instead (dA = scaling * B^T dW,
+dB = scaling * dW A^T), which then needs no u: when Cout * Cin*kh*kw is at most about the rank-r
+products' r * (2 Cout + Cin*kh*kw), one well-shaped GEMM beats three with r rows, which run at half
+the speed (tf_efficientnet_lite0's 16 -> 96 expansion at 64x64 px: backward 9.7 -> 5.1 ms for the
+adapter; whole step 1.09-1.14x -> 1.07x the frozen floor).
+
 W_eff is cached per adapter and rebuilt only when W, A or B changed (version counters), i.e.
 once per training step and never during evaluation.
 
@@ -58,6 +64,12 @@ __all__ = ["torch_lora_conv2d", "grouped_lora_conv2d", "clear_effective_weight_c
 # GEMMs win from 8x8 up (0.1-0.9x the oneDNN time at 16x16 and above, 0.8-1.0x at 8x8) and
 # lose at 4x4 (1.2-1.5x slower).
 GEMM_1X1_MIN_PIXELS = 64
+
+# When the frozen W's full gradient costs at most this many times the arithmetic of the rank-r
+# gradient products, the adapter gradients are taken from it instead (dA = s B^T dW, dB = s dW A^T):
+# one well-shaped GEMM beats three with r = 8 rows, which run at half the speed. This is the case for
+# narrow layers such as tf_efficientnet_lite0's 16 -> 96 expansion at 64x64 px (backward 9.7 -> 5.1 ms).
+WEIGHT_GRAD_COST_RATIO = 1.5
 
 # Stride-1 k x k convs on CPU with at least this many pixels per image compute their rank-r
 # products (u and dA) as tap-stacked GEMMs (see tap_gemm.py): faster from 8x8 up, not at 4x4.
@@ -139,6 +151,14 @@ def _rank_route(x: Tensor, weight: Tensor, stride, padding) -> str:
     return "conv"
 
 
+def _adapter_grads_from_weight_grad(weight: Tensor, rank: int) -> bool:
+    """Whether dA and dB are cheaper through dW (Cout x Cin*kh*kw per pixel) than through the
+    rank-r products B^T dy, dA and dy u^T (r x (2 Cout + Cin*kh*kw) per pixel)."""
+    cout, cin, kh, kw = weight.shape
+    taps = cin * kh * kw
+    return cout * taps <= WEIGHT_GRAD_COST_RATIO * rank * (2 * cout + taps)
+
+
 class _LoRAConv2dFunction(torch.autograd.Function):
     """groups == 1 LoRA conv with W_eff forward and backward; no gradient for a frozen W."""
 
@@ -148,18 +168,13 @@ class _LoRAConv2dFunction(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         route = _rank_route(x, weight, stride, padding)
         gemm = _uses_gemm(x, weight, stride, padding, height * width)
-        if gemm:
-            planes = x.view(n, cin, height * width)
-            y = _batched_left_product(w_eff.view(w_eff.shape[0], cin), planes).view(n, -1, height, width)
-            if bias is not None:
-                y += bias.to(y.dtype).view(1, -1, 1, 1)
-        else:
-            y = F.conv2d(x, w_eff, bias if bias is None else bias.to(x.dtype), stride, padding, dilation)
+        # need_w: someone unfroze W. Then, or when it is cheaper, dA and dB follow from dW.
+        from_weight_grad = need_w or ((need_a or need_b) and _adapter_grads_from_weight_grad(weight, lora_a.shape[0]))
         # The input the rank-r products read: x, or for "subsampled" the pixels a strided 1x1 sees.
-        subsample = route == "subsampled" and not need_w and (need_a or need_b)
+        subsample = route == "subsampled" and not from_weight_grad and (need_a or need_b)
         rank_x = x[:, :, ::stride[0], ::stride[1]].contiguous() if subsample else x
         u = None
-        if need_b and not need_w:
+        if need_b and not from_weight_grad:
             if route in ("pointwise", "subsampled"):
                 rows, out_h, out_w = rank_x.shape[1:]
                 u = _batched_left_product(lora_a.to(x.dtype).view(lora_a.shape[0], rows),
@@ -168,8 +183,17 @@ class _LoRAConv2dFunction(torch.autograd.Function):
                 u = tap_gemm_conv2d(x, lora_a, stride, padding, dilation)
             else:
                 u = F.conv2d(x, lora_a.to(x.dtype), None, stride, padding, dilation)
+        # After u, not before: x is still in cache from the layer that wrote it (0.5 ms less at
+        # resnet18's 64-channel 32x32 convs).
+        if gemm:
+            planes = x.view(n, cin, height * width)
+            y = _batched_left_product(w_eff.view(w_eff.shape[0], cin), planes).view(n, -1, height, width)
+            if bias is not None:
+                y += bias.to(y.dtype).view(1, -1, 1, 1)
+        else:
+            y = F.conv2d(x, w_eff, bias if bias is None else bias.to(x.dtype), stride, padding, dilation)
         ctx.scaling, ctx.stride, ctx.padding, ctx.dilation, ctx.gemm = scaling, stride, padding, dilation, gemm
-        ctx.route = route
+        ctx.route, ctx.from_weight_grad = route, from_weight_grad
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None, lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(x, w_eff, lora_a, lora_b, u, rank_x if subsample else None)
         return y
@@ -188,26 +212,24 @@ class _LoRAConv2dFunction(torch.autograd.Function):
             grad_y = grad_y.contiguous()
         n, _, out_h, out_w = grad_y.shape
 
-        if need_w:
-            # Someone unfroze W: dW_eff is dW, and A's and B's gradients follow from it.
+        if ctx.from_weight_grad:
+            # dW_eff is dW (returned only if W trains), and A's and B's gradients follow from it.
             if ctx.gemm:
                 grad_x, grad_eff = _gemm_backward(grad_y, x, w_eff, need_x, True)
             else:
                 grad_x, grad_eff, _ = torch.ops.aten.convolution_backward(
                     grad_y, x, w_eff, *conv_args, (need_x, True, False))
             grad_flat = grad_eff.reshape(cout, -1).float()
-            grad_w = grad_eff
+            grad_w = grad_eff if need_w else None
             if need_a:
                 grad_a = (lora_b.float().t() @ grad_flat * scaling).view(lora_a.shape)
             if need_b:
                 grad_b = grad_flat @ lora_a.float().reshape(rank, -1).t() * scaling
         else:
-            if need_x:
-                if ctx.gemm:
-                    grad_x = _gemm_backward(grad_y, x, w_eff, True, False)[0]
-                else:
-                    grad_x = torch.ops.aten.convolution_backward(
-                        grad_y, x, w_eff, *conv_args, (True, False, False))[0]
+            # The rank-r products first, while dy is still in cache from the op that wrote it, then
+            # dx (0.9 ms less at resnet18's 64-channel 32x32 convs).
+            if need_b:
+                grad_b = _channel_outer(grad_y, u) * scaling
             if need_a:
                 grad_u = _channel_product(grad_y, (lora_b * scaling).to(dtype))  # scaling * B^T dy
                 if ctx.route == "pointwise":
@@ -219,8 +241,12 @@ class _LoRAConv2dFunction(torch.autograd.Function):
                 else:
                     grad_a = torch.ops.aten.convolution_backward(
                         grad_u, x, lora_a.to(dtype), *conv_args, (False, True, False))[1]
-            if need_b:
-                grad_b = _channel_outer(grad_y, u) * scaling
+            if need_x:
+                if ctx.gemm:
+                    grad_x = _gemm_backward(grad_y, x, w_eff, True, False)[0]
+                else:
+                    grad_x = torch.ops.aten.convolution_backward(
+                        grad_y, x, w_eff, *conv_args, (True, False, False))[0]
         if need_bias:
             grad_bias = grad_y.sum((0, 2, 3)).to(bias_dtype)
         return (
@@ -272,8 +298,12 @@ def _gemm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool
     if need_input:
         grad_input = _batched_left_product(weight.reshape(cout, cin).t().to(grad_out.dtype), grad_planes).view(n, cin, h, w)
     if need_weight:
-        grad_weight = torch.bmm(grad_planes, x.view(n, cin, h * w).transpose(1, 2)).sum(0, dtype=torch.float32)
-        grad_weight = grad_weight.view(cout, cin, 1, 1)
+        planes = x.view(n, cin, h * w)
+        if cin < cout:  # the operand with fewer rows first: the GEMMs run faster (as in _channel_outer)
+            grad_weight = torch.bmm(planes, grad_planes.transpose(1, 2)).sum(0, dtype=torch.float32).t()
+        else:
+            grad_weight = torch.bmm(grad_planes, planes.transpose(1, 2)).sum(0, dtype=torch.float32)
+        grad_weight = grad_weight.reshape(cout, cin, 1, 1)
     return grad_input, grad_weight
 
 

@@ -130,6 +130,31 @@ def test_tap_gemm_route_matches_reference(monkeypatch, dtype):
     assert calls == []
 
 
+def test_adapter_grads_through_the_weight_gradient_only_for_narrow_layers():
+    # Per pixel, dW costs Cout * Cin*kh*kw and the rank-r products r * (2 Cout + Cin*kh*kw).
+    chooses = torch_path._adapter_grads_from_weight_grad
+    assert chooses(torch.empty(96, 16, 1, 1), 8)        # lite0's 16 -> 96 expansion: 1536 vs 1664
+    assert chooses(torch.empty(32, 3, 3, 3), 8)         # a 3-channel stem: 864 vs 728
+    assert not chooses(torch.empty(240, 40, 1, 1), 8)   # 9600 vs 4160
+    assert not chooses(torch.empty(64, 64, 3, 3), 8)    # resnet's 3x3: 36864 vs 5632
+    assert not chooses(torch.empty(96, 16, 1, 1), 1)    # rank 1 makes the rank-r products cheap: 1536 vs 208
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("ratio", [0.0, 1e9], ids=["rank_products", "weight_gradient"])
+def test_both_adapter_gradient_routes_match_reference(monkeypatch, ratio, dtype):
+    # Force each way of computing dA and dB, on the oneDNN, GEMM, tap-GEMM and subsampled routes.
+    monkeypatch.setattr(torch_path, "WEIGHT_GRAD_COST_RATIO", ratio)
+    monkeypatch.setattr(torch_path, "GEMM_1X1_MIN_PIXELS", 1)
+    monkeypatch.setattr(torch_path, "TAP_GEMM_MIN_PIXELS", 1)
+    for name in ("ordinary_3x3", "odd_channels_hw_stride2_batch1", "pointwise_1x1", "pointwise_1x1_stride2_odd_hw"):
+        test_matches_reference_output_and_grads(SHAPES[name], dtype)
+    calls = []
+    monkeypatch.setattr(torch_path, "tap_gemm_conv2d", lambda *a: calls.append("u") or tap_gemm_conv2d(*a))
+    test_matches_reference_output_and_grads(SHAPES["ordinary_3x3"], dtype)
+    assert calls == ([] if ratio else ["u"])  # through dW, the forward needs no u = conv(x, A)
+
+
 @pytest.mark.parametrize("shape", [SHAPES["ordinary_3x3"], SHAPES["odd_channels_hw_stride2_batch1"]], ids=["3x3", "odd"])
 def test_unfrozen_weight_and_bias_get_correct_grads(shape):
     args = list(_case(shape, torch.float32))
