@@ -37,8 +37,8 @@ products' r * (2 Cout + Cin*kh*kw), one well-shaped GEMM beats three with r rows
 the speed (tf_efficientnet_lite0's 16 -> 96 expansion at 64x64 px: backward 9.7 -> 5.1 ms for the
 adapter; whole step 1.09-1.14x -> 1.07x the frozen floor).
 
-W_eff is cached per adapter and rebuilt only when W, A or B changed (version counters), i.e.
-once per training step and never during evaluation.
+W_eff is built once per training forward and, for evaluation, cached per adapter until W
+(version counter), A or B (values) change.
 
 groups > 1 (grouped, depthwise) uses `grouped_lora_conv2d`: one grouped conv with W_eff, with
 autograd taking the (small) weight gradient on to A and B.
@@ -86,9 +86,11 @@ def _version_key(tensor: Tensor) -> tuple[int, int] | None:
 
 @dataclass
 class _CachedWeight:
-    sources: tuple[weakref.ref, weakref.ref]  # W and B (A is the cache key)
-    key: tuple
-    weight: Tensor
+    weight_source: weakref.ref  # W (A is the cache key)
+    key: tuple                  # W's (address, version), scaling, dtype, device
+    lora_a: Tensor              # copies of A and B as they were when `merged` was built
+    lora_b: Tensor
+    merged: Tensor
 
 
 # Keyed by the lora_a tensor itself (by identity), so entries die with their adapter.
@@ -96,27 +98,42 @@ _effective_weights: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def clear_effective_weight_cache() -> None:
-    """Drop every cached W_eff. Only needed after editing W, A or B through `.data`, which
-    bypasses the version counters the cache relies on."""
+    """Drop every cached W_eff. Only needed after editing a frozen W through `.data`, which
+    bypasses the version counter the cache checks W by."""
     _effective_weights.clear()
 
 
-def effective_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
-    """W + scaling * B @ A in `dtype` (no autograd), from the cache when W, A and B are unchanged."""
-    versions = (_version_key(weight), _version_key(lora_a), _version_key(lora_b))
-    key = (versions, float(scaling), dtype, weight.device)
-    entry = _effective_weights.get(lora_a)
-    if (entry is not None and None not in versions and entry.key == key
-            and entry.sources[0]() is weight and entry.sources[1]() is lora_b):
-        return entry.weight
+def _merge(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     with torch.no_grad():
         compute = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         flat = torch.addmm(weight.reshape(weight.shape[0], -1).to(compute), lora_b.to(compute),
                            lora_a.reshape(lora_a.shape[0], -1).to(compute), alpha=scaling)
-        merged = flat.reshape(weight.shape).to(dtype)
-    if None not in versions:
+        return flat.reshape(weight.shape).to(dtype)
+
+
+def effective_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, dtype: torch.dtype,
+                     reuse: bool = True) -> Tensor:
+    """W + scaling * B @ A in `dtype` (no autograd).
+
+    With `reuse` (evaluation) it comes from a cache while the frozen W is unchanged (its version
+    counter) and A and B hold the values it was built from. A and B are compared by value, not by
+    version counter: fused optimizers (AdamW(fused=True)) update parameters in place without
+    bumping it. The comparison reads r * (Cin*kh*kw + Cout) numbers, a small fraction of the
+    r * Cout * Cin*kh*kw multiply-adds of rebuilding. A trainable W is never cached.
+    """
+    if not reuse or weight.requires_grad:
+        return _merge(weight, lora_a, lora_b, scaling, dtype)
+    weight_version = _version_key(weight)
+    key = (weight_version, float(scaling), dtype, weight.device)
+    entry = _effective_weights.get(lora_a)
+    if (entry is not None and weight_version is not None and entry.key == key and entry.weight_source() is weight
+            and torch.equal(entry.lora_a, lora_a) and torch.equal(entry.lora_b, lora_b)):
+        return entry.merged
+    merged = _merge(weight, lora_a, lora_b, scaling, dtype)
+    if weight_version is not None:
         # A fresh tensor each time (never refreshed in place): graphs that saved the old one stay valid.
-        _effective_weights[lora_a] = _CachedWeight((weakref.ref(weight), weakref.ref(lora_b)), key, merged)
+        _effective_weights[lora_a] = _CachedWeight(weakref.ref(weight), key, lora_a.detach().clone(),
+                                                   lora_b.detach().clone(), merged)
     return merged
 
 
@@ -350,9 +367,10 @@ def torch_lora_conv2d(
     if groups != 1:
         return grouped_lora_conv2d(x, weight, bias, lora_a, lora_b, scaling, stride, padding, dilation, groups)
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-    w_eff = effective_weight(weight, lora_a, lora_b, scaling, x.dtype)
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
+    # In training A and B change every step, so W_eff is built fresh; evaluation reuses it.
+    w_eff = effective_weight(weight, lora_a, lora_b, scaling, x.dtype, reuse=not tracked)
     if not tracked:
         if _uses_gemm(x, weight, stride, padding, x.shape[2] * x.shape[3]):
             n, cin, height, width = x.shape

@@ -22,6 +22,7 @@ from vision_ft.finetune.build import build_strategy
 from vision_ft.finetune.freezing import has_running_stats
 from vision_ft.finetune.layer_groups import group_index_of_params, layer_groups
 from vision_ft.schedule import apply_learning_rates
+from vision_ft.train import build_optimizer
 
 ARCHS = {
     "resnet18": {},
@@ -40,7 +41,8 @@ def prepared(name: str, **settings) -> tuple[nn.Module, object, torch.optim.Opti
     model = make_model(name)
     strategy = build_strategy(FinetuneConfig(**settings))
     strategy.prepare(model)
-    optimizer = torch.optim.AdamW(strategy.param_groups(model, LR, WD))
+    # The optimizer training builds (fused AdamW on CPU): groups joining later must inherit it.
+    optimizer = build_optimizer(strategy.param_groups(model, LR, WD), LR, WD, torch.device("cpu"))
     return model, strategy, optimizer
 
 
@@ -243,7 +245,7 @@ def test_resume_rebuilds_the_same_optimizer_groups_mid_schedule():
     resumed_strategy.prepare(resumed)
     resumed.load_state_dict(model.state_dict())
     resumed_strategy.load_state_dict(saved_strategy)
-    resumed_optimizer = torch.optim.AdamW(resumed_strategy.param_groups(resumed, LR, WD))
+    resumed_optimizer = build_optimizer(resumed_strategy.param_groups(resumed, LR, WD), LR, WD, torch.device("cpu"))
     resumed_optimizer.load_state_dict(saved_optimizer)
 
     keys = ("layer_group", "start_step", "base_lr", "weight_decay")

@@ -220,6 +220,29 @@ def test_cached_effective_weight_follows_in_place_updates():
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("optimizer_kind", ["foreach", "fused"])
+def test_evaluation_sees_every_optimizer_update(optimizer_kind):
+    # Fused optimizers update parameters in place without bumping their version counters, so
+    # a W_eff cached for evaluation must be checked against A's and B's values.
+    x, weight, bias, lora_a, lora_b, *rest = _case(SHAPES["pointwise_1x1"], torch.float32)
+    x = x.detach()
+    lora_a, lora_b = torch.nn.Parameter(lora_a.detach()), torch.nn.Parameter(lora_b.detach())
+    optimizer = torch.optim.AdamW([lora_a, lora_b], lr=0.1, **{optimizer_kind: True})
+    for _ in range(3):
+        with torch.no_grad():
+            before = lora_conv2d(x, weight, bias, lora_a, lora_b, *rest, backend="torch")
+        out = lora_conv2d(x, weight, bias, lora_a, lora_b, *rest, backend="torch")
+        torch.testing.assert_close(out.detach(), before)
+        out.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            after = lora_conv2d(x, weight, bias, lora_a, lora_b, *rest, backend="torch")
+            expected = reference_lora_conv2d(x, weight, bias, lora_a, lora_b, *rest)
+        torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(after, before)
+
+
 def test_adapter_changed_between_forward_and_backward_fails_loudly():
     x, weight, bias, lora_a, lora_b, *rest = _case(SHAPES["ordinary_3x3"], torch.float32)
     out = lora_conv2d(x, weight, bias, lora_a, lora_b, *rest, backend="torch")
