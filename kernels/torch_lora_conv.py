@@ -150,6 +150,15 @@ def _uses_gemm(x: Tensor, weight: Tensor, stride, padding, out_pixels: int) -> b
     return _is_pointwise(x, weight, stride, padding) and out_pixels >= GEMM_1X1_MIN_PIXELS
 
 
+def _effective_conv(x: Tensor, w_eff: Tensor, bias: Tensor | None, stride, padding, dilation, gemm: bool) -> Tensor:
+    """conv2d(x, W_eff, bias): batched GEMMs on the NCHW planes on the 1x1 GEMM route, else F.conv2d."""
+    if not gemm:
+        return F.conv2d(x, w_eff, bias if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    n, cin, height, width = x.shape
+    y = _batched_left_product(w_eff.view(w_eff.shape[0], cin), x.view(n, cin, height * width)).view(n, -1, height, width)
+    return y if bias is None else y.add_(bias.to(y.dtype).view(1, -1, 1, 1))
+
+
 def _rank_route(x: Tensor, weight: Tensor, stride, padding) -> str:
     """How the rank-r products u = conv(x, A) and dA are computed.
 
@@ -181,10 +190,10 @@ class _LoRAConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, stride, padding, dilation, w_eff):  # type: ignore[override]
-        n, cin, height, width = x.shape
+        n = x.shape[0]
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         route = _rank_route(x, weight, stride, padding)
-        gemm = _uses_gemm(x, weight, stride, padding, height * width)
+        gemm = _uses_gemm(x, weight, stride, padding, x.shape[2] * x.shape[3])
         # need_w: someone unfroze W. Then, or when it is cheaper, dA and dB follow from dW.
         from_weight_grad = need_w or ((need_a or need_b) and _adapter_grads_from_weight_grad(weight, lora_a.shape[0]))
         # The input the rank-r products read: x, or for "subsampled" the pixels a strided 1x1 sees.
@@ -202,13 +211,7 @@ class _LoRAConv2dFunction(torch.autograd.Function):
                 u = F.conv2d(x, lora_a.to(x.dtype), None, stride, padding, dilation)
         # After u, not before: x is still in cache from the layer that wrote it (0.5 ms less at
         # resnet18's 64-channel 32x32 convs).
-        if gemm:
-            planes = x.view(n, cin, height * width)
-            y = _batched_left_product(w_eff.view(w_eff.shape[0], cin), planes).view(n, -1, height, width)
-            if bias is not None:
-                y += bias.to(y.dtype).view(1, -1, 1, 1)
-        else:
-            y = F.conv2d(x, w_eff, bias if bias is None else bias.to(x.dtype), stride, padding, dilation)
+        y = _effective_conv(x, w_eff, bias, stride, padding, dilation, gemm)
         ctx.scaling, ctx.stride, ctx.padding, ctx.dilation, ctx.gemm = scaling, stride, padding, dilation, gemm
         ctx.route, ctx.from_weight_grad = route, from_weight_grad
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None, lora_a.dtype, lora_b.dtype)
@@ -300,10 +303,12 @@ def _channel_outer(a: Tensor, b: Tensor) -> Tensor:
     cb = b.shape[1]
     if _is_channels_last(a) and _is_channels_last(b):
         return (a.permute(0, 2, 3, 1).reshape(-1, ca).t() @ b.permute(0, 2, 3, 1).reshape(-1, cb)).float()
-    a, b = a.contiguous(), b.contiguous()
-    # Computed as (b a^T)^T: with the few rows of b first the GEMMs run about 2x faster
-    # (resnet/efficientnet shapes with b = u of rank 8).
-    return torch.bmm(b.view(n, cb, h * w), a.view(n, ca, h * w).transpose(1, 2)).sum(0, dtype=torch.float32).t()
+    a, b = a.contiguous().view(n, ca, h * w), b.contiguous().view(n, cb, h * w)
+    # The operand with fewer rows first: the GEMMs run about 2x faster (u of rank 8 against dy,
+    # or a narrow layer's x against its dy), so b a^T is computed and transposed when b is smaller.
+    if cb < ca:
+        return torch.bmm(b, a.transpose(1, 2)).sum(0, dtype=torch.float32).t()
+    return torch.bmm(a, b.transpose(1, 2)).sum(0, dtype=torch.float32)
 
 
 def _gemm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -315,12 +320,7 @@ def _gemm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool
     if need_input:
         grad_input = _batched_left_product(weight.reshape(cout, cin).t().to(grad_out.dtype), grad_planes).view(n, cin, h, w)
     if need_weight:
-        planes = x.view(n, cin, h * w)
-        if cin < cout:  # the operand with fewer rows first: the GEMMs run faster (as in _channel_outer)
-            grad_weight = torch.bmm(planes, grad_planes.transpose(1, 2)).sum(0, dtype=torch.float32).t()
-        else:
-            grad_weight = torch.bmm(grad_planes, planes.transpose(1, 2)).sum(0, dtype=torch.float32)
-        grad_weight = grad_weight.reshape(cout, cin, 1, 1)
+        grad_weight = _channel_outer(grad_out, x).reshape(cout, cin, 1, 1)
     return grad_input, grad_weight
 
 
@@ -372,9 +372,6 @@ def torch_lora_conv2d(
     # In training A and B change every step, so W_eff is built fresh; evaluation reuses it.
     w_eff = effective_weight(weight, lora_a, lora_b, scaling, x.dtype, reuse=not tracked)
     if not tracked:
-        if _uses_gemm(x, weight, stride, padding, x.shape[2] * x.shape[3]):
-            n, cin, height, width = x.shape
-            y = _batched_left_product(w_eff.view(-1, cin), x.view(n, cin, height * width)).view(n, -1, height, width)
-            return y if bias is None else y.add_(bias.to(y.dtype).view(1, -1, 1, 1))
-        return F.conv2d(x, w_eff, bias if bias is None else bias.to(x.dtype), stride, padding, dilation)
+        gemm = _uses_gemm(x, weight, stride, padding, x.shape[2] * x.shape[3])
+        return _effective_conv(x, w_eff, bias, stride, padding, dilation, gemm)
     return _LoRAConv2dFunction.apply(x, weight, bias, lora_a, lora_b, float(scaling), stride, padding, dilation, w_eff)
