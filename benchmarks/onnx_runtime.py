@@ -1,6 +1,7 @@
 """onnxruntime against torch eager on CPU: latency (batch 1) and throughput (batch 32).
 
     python benchmarks/onnx_runtime.py [--json FILE] [--threads N] [--rounds R] [--models a b ...]
+                                      [--keep-freed-memory]
 
 Each model (random weights, 224 x 224 RGB, 1000 classes) is exported with vision-ft's own
 exporter (`vision_ft.export.to_onnx`) and run in the session vision-ft's runtime uses
@@ -8,12 +9,20 @@ exporter (`vision_ft.export.to_onnx`) and run in the session vision-ft's runtime
 frameworks get the same number of threads: `torch.set_num_threads(N)` and onnxruntime's
 `intra_op_num_threads = N` (inter-op 1 for both), and neither pool spins while idle
 (OMP_WAIT_POLICY=PASSIVE for torch's OpenMP, allow_spinning=0 for onnxruntime). torch runs
-eager fp32 under `torch.inference_mode()`, the way `vision-ft predict` runs a run folder.
+eager fp32 under `torch.inference_mode()`, the way `vision-ft predict` runs a run folder, with
+glibc's malloc as it comes; `--keep-freed-memory` gives torch the tuning `vision-ft train` uses,
+so that neither side page-faults its activations back in every call (onnxruntime's arena never
+does).
 
 Timing: after warm-up, R rounds; in each round torch and onnxruntime alternate on the same
 input, so load from other jobs on a shared machine hits both alike. Reported numbers are medians
 over every timed call of all rounds. The outputs of both are compared as a sanity check.
 Target: onnxruntime throughput >= 1.3x torch eager on every model.
+
+A second table shows where onnxruntime's batch-32 time goes (`benchmarks/matmul_floor.py`):
+the kernel time of its matrix products and convolutions, which no graph rewrite can shrink in
+fp32, the time of
+everything else, and how small everything else would have to get to reach the target.
 """
 
 from __future__ import annotations
@@ -42,8 +51,11 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import vision_ft  # noqa: E402
+from vision_ft.cpu_memory import keep_freed_memory  # noqa: E402
 from vision_ft.export import OPSET, to_onnx  # noqa: E402
 from vision_ft.runtime import session_options  # noqa: E402
+
+from matmul_floor import measure_floor  # noqa: E402  (beside this script)
 
 MODELS = ("resnet18", "vit_tiny_patch16_224", "tf_efficientnet_lite0")
 IMAGE_SIZE = 224
@@ -121,6 +133,17 @@ def bench_model(name: str, threads: int, rounds: int, latency_calls: int, throug
         "timed_calls": {k: len(v) for k, v in samples.items()},
     }
     result["target_met"] = result["throughput_speedup"] >= TARGET_SPEEDUP
+    floor = measure_floor(onnx_path, inputs[THROUGHPUT_BATCH], session_options(threads))
+    target_seconds = median["torch_32"] / TARGET_SPEEDUP
+    result["ort_profile_b32"] = {
+        "total_ms": round(floor.total_seconds * 1e3, 1),
+        "products_ms": round(floor.product_seconds * 1e3, 1),
+        "product_nodes": floor.products,
+        "other_ms": round((floor.total_seconds - floor.product_seconds) * 1e3, 1),
+        # What the other operators may take at most for the target, given the products' time.
+        "other_ms_allowed_for_target": round((target_seconds - floor.product_seconds) * 1e3, 1),
+        "speedup_if_only_products_took_time": round(median["torch_32"] / floor.product_seconds, 2),
+    }
     return result
 
 
@@ -135,6 +158,20 @@ def print_table(results: list[dict]) -> None:
               f"{'met' if r['target_met'] else 'MISSED'}")
 
 
+def print_profile_table(results: list[dict]) -> None:
+    print(f"\nWhere onnxruntime's batch-{THROUGHPUT_BATCH} time goes (its profiler; products = matrix-product and "
+          "convolution kernels):")
+    header = (f"{'model':<24} {'ort total':>10} {'products':>9} {'other':>8}   "
+              f"{'other allowed for ' + str(TARGET_SPEEDUP) + 'x':>24}   {'ratio if other took 0':>21}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        p = r["ort_profile_b32"]
+        allowed = p["other_ms_allowed_for_target"]
+        print(f"{r['model']:<24} {p['total_ms']:>7.1f} ms {p['products_ms']:>6.1f} ms {p['other_ms']:>5.1f} ms   "
+              f"{allowed:>21.1f} ms   {p['speedup_if_only_products_took_time']:>20.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="Write the results here as JSON.")
@@ -144,7 +181,14 @@ def main() -> None:
     parser.add_argument("--latency-calls", type=int, default=10, help="Batch-1 calls per round and framework.")
     parser.add_argument("--throughput-calls", type=int, default=3, help="Batch-32 calls per round and framework.")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="Give torch the malloc tuning `vision-ft train` uses (vision_ft.cpu_memory): freed "
+                             "activations stay in the process instead of being page-faulted back every call. "
+                             "onnxruntime's own arena does this already, so this is the stricter comparison.")
     args = parser.parse_args()
+    malloc = "glibc defaults"
+    if args.keep_freed_memory:
+        malloc = "freed memory kept (vision_ft.cpu_memory)" if keep_freed_memory() else "glibc defaults (tuning unavailable)"
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
@@ -155,8 +199,10 @@ def main() -> None:
             results.append(bench_model(name, args.threads, args.rounds, args.latency_calls, args.throughput_calls, Path(work)))
             print(f"{name}: done", flush=True)
     print()
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; threads {args.threads} for torch and onnxruntime")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; threads {args.threads} for torch and onnxruntime; "
+          f"malloc: {malloc}")
     print_table(results)
+    print_profile_table(results)
     report = {
         "benchmark": "onnxruntime vs torch eager, CPU, fp32, 224x224, random weights",
         "machine": {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "platform": platform.platform(),
@@ -166,7 +212,7 @@ def main() -> None:
         "settings": {
             "threads": args.threads,
             "torch": f"eager fp32, inference_mode, set_num_threads({args.threads}), interop 1, "
-                     f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
+                     f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, malloc: {malloc}",
             "onnxruntime": f"CPUExecutionProvider, ORT_ENABLE_ALL, sequential, intra_op {args.threads}, inter_op 1, "
                            "allow_spinning 0 (vision_ft.runtime.session_options)",
             "exporter": f"torch.onnx.export(dynamo=True), opset {OPSET}",

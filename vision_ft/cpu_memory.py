@@ -1,4 +1,4 @@
-"""Keep freed tensor memory inside the process while training on a CPU (glibc's malloc).
+"""Keep freed tensor memory inside the process while training or evaluating on a CPU (glibc's malloc).
 
 glibc returns every freed block above its mmap threshold (which it raises at most to 32 MiB)
 straight to the kernel and trims the top of its heap as well. A training step frees and
