@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vision_ft.runtime import session_options
+
 # Operator names as onnxruntime's profiler reports them (its NCHWc convolutions report "Conv").
 MATRIX_PRODUCTS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Conv", "FusedConv")
 
@@ -75,8 +77,6 @@ def measure_floor(onnx_path: Path, batch: np.ndarray, options: ort.SessionOption
 
 
 def main() -> None:
-    from vision_ft.runtime import session_options
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="An exported fp32 model (image input first).")
     parser.add_argument("--batch", type=int, default=32)

@@ -21,8 +21,8 @@ Target: onnxruntime throughput >= 1.3x torch eager on every model.
 
 A second table shows where onnxruntime's batch-32 time goes (`benchmarks/matmul_floor.py`):
 the kernel time of its matrix products and convolutions, which no graph rewrite can shrink in
-fp32, the time of
-everything else, and how small everything else would have to get to reach the target.
+fp32, the time of everything else, and how small everything else would have to get to reach the
+target.
 """
 
 from __future__ import annotations

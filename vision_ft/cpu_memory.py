@@ -15,6 +15,10 @@ import ctypes
 import logging
 import os
 import platform
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +32,17 @@ _TRIM_THRESHOLD = 1024 * 1024 * 1024
 _applied = False
 
 
-def keep_freed_memory() -> bool:
-    """Tune glibc's malloc for a training process, once; True when it is (now or before) in effect.
+def keep_freed_memory(device: torch.device | None = None) -> bool:
+    """Tune glibc's malloc for a training or evaluation process, once; True when it is (now or
+    before) in effect.
 
-    Does nothing off glibc, or when the user chose their own settings through the
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment variables or GLIBC_TUNABLES.
+    Does nothing when `device` is given and is not the CPU (its tensors are not malloc's), off
+    glibc, or when the user chose their own settings through the MALLOC_MMAP_THRESHOLD_ /
+    MALLOC_TRIM_THRESHOLD_ environment variables or GLIBC_TUNABLES.
     """
     global _applied
+    if device is not None and device.type != "cpu":
+        return False
     if _applied:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -40,8 +40,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Metrics of a run's checkpoint on every image under `data` (or one split of a pre-split folder)."""
     device = default_device()
-    if device.type == "cpu":
-        keep_freed_memory()  # every batch re-allocates the same activations: no page faults for them
+    keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     loaded = load_run(run_dir, checkpoint, device)
     cfg = loaded.config
     index = discover(Path(data))

@@ -63,8 +63,7 @@ def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -
 def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of predictions of a run's best checkpoint on `path`."""
     device = default_device()
-    if device.type == "cpu":
-        keep_freed_memory()  # every batch re-allocates the same activations: no page faults for them
+    keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     loaded = load_run(run_dir, device=device)
     cfg = loaded.config
     images = collect_images(path)

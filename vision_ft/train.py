@@ -319,8 +319,7 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
                   resume: bool, context: distributed.Context) -> TrainResult:
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
-    if context.device.type == "cpu":
-        keep_freed_memory()  # activations are re-allocated every step: keep them off the page-fault path
+    keep_freed_memory(context.device)  # activations are re-allocated every step: keep them off the page-fault path
     log.info("run folder %s", run.root)
     log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
 
