@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224, help="Input height and width.")
     args = parser.parse_args()
+    if not args.model.is_file():
+        parser.error(f"{args.model} does not exist; pass an exported .onnx file (vision-ft export RUN writes one)")
     batch = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
     floor = measure_floor(args.model, batch, session_options(args.threads))
     print(f"batch of {args.batch}: {floor.total_seconds * 1e3:.1f} ms, of which {floor.product_seconds * 1e3:.1f} ms "

@@ -186,6 +186,9 @@ def main() -> None:
                              "activations stay in the process instead of being page-faulted back every call. "
                              "onnxruntime's own arena does this already, so this is the stricter comparison.")
     args = parser.parse_args()
+    unknown = [name for name in args.models if not timm.is_model(name)]
+    if unknown:
+        parser.error(f"unknown timm model {', '.join(unknown)}; see timm.list_models() for the names")
     malloc = "glibc defaults"
     if args.keep_freed_memory:
         malloc = "freed memory kept (vision_ft.cpu_memory)" if keep_freed_memory() else "glibc defaults (tuning unavailable)"
