@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -52,7 +52,30 @@ class DataConfig(_Strict):
     # How to counter class imbalance: weight the loss by inverse class frequency, or draw
     # batches with a class-balanced sampler.
     balance: Literal["none", "loss_weights", "sampler"] = "none"
+    # How images with more than 8 bits (16-bit PNG/TIFF, float TIFF, DICOM) become 8-bit pixels:
+    # auto | minmax | percentile[lo,hi] | window[center,width] (vision_ft.data.intensity).
+    intensity: str = "auto"
+    # DICOM VOI window: file (the file's own, else `intensity`) | auto (`intensity`) | [center, width].
+    dicom_window: Union[Literal["file", "auto"], list[float]] = "file"
+    dicom_frame: int | None = Field(None, ge=0)  # the frame of multi-frame DICOM files; null refuses them
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("intensity")
+    @classmethod
+    def _known_intensity(cls, value: str) -> str:
+        from vision_ft.data.intensity import parse_intensity
+
+        try:
+            return parse_intensity(value).spec
+        except VisionFTError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("dicom_window")
+    @classmethod
+    def _center_and_width(cls, value: Any) -> Any:
+        if isinstance(value, list) and (len(value) != 2 or value[1] < 1):
+            raise ValueError("needs [center, width] with width >= 1, e.g. [40, 400]")
+        return value
 
     @field_validator("mean", "std")
     @classmethod

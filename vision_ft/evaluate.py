@@ -11,6 +11,7 @@ from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
 from vision_ft.data.loaders import build_loader
+from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.plots import plot_confusion_matrix
@@ -50,7 +51,8 @@ def evaluate_run(
             raise VisionFTError(f"{data} has no '{split}' split folder; drop --split to evaluate every image")
         samples = index.presplit[split]
     samples = _relabel(samples, index.class_names, loaded.class_names, Path(data))
-    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers))
+    pixels = policy_from_config(cfg.data)
+    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers), pixels=pixels)
     if bad and not skip_bad_images:
         raise VisionFTError(
             f"{len(bad)} unreadable images in {data}, e.g. {bad[0][0]} ({bad[0][1]}); remove them or pass --skip-bad-images"
@@ -58,7 +60,7 @@ def evaluate_run(
     bad_paths = {p for p, _ in bad}
     samples = [s for s in samples if s.path not in bad_paths]
     dataset = ImageDataset(samples, build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
+                           cfg.data.channels, cfg.data.image_size, pixels=pixels)
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
                           workers=cfg.data.workers if workers is None else workers)
     probs, labels = predict_loader(loaded.model, loader, device=next(loaded.model.parameters()).device)

@@ -36,6 +36,7 @@ from torch import nn
 import vision_ft
 from vision_ft.data.decode import load_image
 from vision_ft.data.discover import Sample
+from vision_ft.data.pixel_policy import PixelPolicy, policy_from_config
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
@@ -167,6 +168,7 @@ def run_metadata(loaded: LoadedRun) -> ModelMetadata:
         vision_ft_version=vision_ft.__version__,
         split_fingerprint=split_fingerprint(splits),
         finetune_strategy=cfg.finetune.strategy,
+        **policy_from_config(cfg.data).settings(),
     )
 
 
@@ -200,7 +202,8 @@ def torch_logits(model: nn.Module, images: list[Path], metadata: ModelMetadata) 
     """Logits of `model` on `images` through the training evaluation pipeline (decode + albumentations)."""
     transform = build_transforms([], metadata.mean, metadata.std, train=False)
     size = tuple(metadata.input_size)
-    batch = torch.stack([transform(image=load_image(p, metadata.channels, size))["image"] for p in images])
+    pixels = PixelPolicy.from_settings(metadata.intensity, metadata.dicom_window, metadata.dicom_frame)
+    batch = torch.stack([transform(image=load_image(p, metadata.channels, size, pixels))["image"] for p in images])
     return model(batch).float().numpy()
 
 

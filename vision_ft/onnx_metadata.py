@@ -7,8 +7,10 @@ table). Imports only the standard library, so the torch-free runtime can read it
 
 The preprocessing it describes is the training evaluation pipeline:
 
-1. ``vision_ft.data.decode.load_image(source, channels, input_size)``: decode, EXIF orientation,
-   8-bit conversion, channel conversion, Pillow bilinear resize to ``input_size`` (no crop);
+1. ``vision_ft.data.decode.load_image(source, channels, input_size, pixels)``: decode, EXIF
+   orientation, 8-bit conversion by the recorded intensity policy and DICOM window/frame
+   (``intensity``, ``dicom_window``, ``dicom_frame``), channel conversion, Pillow bilinear resize
+   to ``input_size`` (no crop);
 2. ``(pixel / 255 - mean) / std`` per channel, as float32;
 3. H x W x C -> C x H x W, stacked into an N x C x H x W batch.
 
@@ -24,7 +26,8 @@ from typing import Any, Mapping
 from vision_ft.errors import VisionFTError
 
 # Bump when a field changes meaning; readers refuse newer formats instead of guessing.
-METADATA_FORMAT = 1
+# 2: intensity policy, DICOM window/frame and the task (what the output means) travel too.
+METADATA_FORMAT = 2
 PREFIX = "vision_ft."
 FORMAT_KEY = PREFIX + "format"
 
@@ -55,6 +58,10 @@ class ModelMetadata:
     quantization: str = "none"  # "none" or "int8-static-qdq"
     # Largest |onnxruntime - torch| logit difference measured when the model was exported.
     verified_max_abs_diff: float | None = None
+    # How >8-bit images become 8-bit (vision_ft.data.intensity / vision_ft.data.dicom).
+    intensity: str = "auto"
+    dicom_window: Any = "file"
+    dicom_frame: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_properties(self) -> dict[str, str]:

@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
-from vision_ft.data.discover import IMAGE_SUFFIXES, Sample
+from vision_ft.data.discover import IMAGE_SUFFIXES, Sample, is_image_file
 from vision_ft.data.loaders import build_loader
+from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.run_model import default_device, load_run
@@ -26,7 +27,7 @@ def collect_images(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise VisionFTError(f"{path} does not exist; pass an image file or a folder of images")
-    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith("."))
     if not images:
         raise VisionFTError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return images
@@ -69,7 +70,7 @@ def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | Non
     images = collect_images(path)
     top_k = max(1, min(top_k, len(loaded.class_names)))
     dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
+                           cfg.data.channels, cfg.data.image_size, pixels=policy_from_config(cfg.data))
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
     probs = [torch.softmax(loaded.model(x.to(device)), dim=1).cpu().numpy()
              for x, _ in tqdm(loader, desc="predict", leave=False, disable=not sys.stderr.isatty())]

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vision_ft.data.decode import ImageSource, load_image
+from vision_ft.data.pixel_policy import PixelPolicy
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
 
@@ -106,6 +107,7 @@ class OnnxClassifier:
         # One float32 value per (pixel value, channel): (v / 255 - mean) / std, rounded once from
         # float64. Matches albumentations' Normalize to within 1 ulp (2.4e-7 measured).
         self._lut = ((np.arange(256, dtype=np.float64)[:, None] / 255.0 - mean) / std).astype(np.float32)
+        self.pixels = PixelPolicy.from_settings(metadata.intensity, metadata.dicom_window, metadata.dicom_frame)
         self._check_signature()
 
     def _check_signature(self) -> None:
@@ -138,7 +140,7 @@ class OnnxClassifier:
         meta = self.metadata
 
         def decode(source: ImageSource) -> np.ndarray:
-            return load_image(source, meta.channels, self.input_size)
+            return load_image(source, meta.channels, self.input_size, self.pixels)
 
         if len(images) == 1 or self.decode_workers <= 1:
             return [decode(source) for source in images]

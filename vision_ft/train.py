@@ -34,6 +34,7 @@ from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
 from vision_ft.data.loaders import build_loader, class_counts
+from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.errors import VisionFTError
@@ -104,7 +105,7 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
         log.warning("… and %d more non-image files skipped", len(index.skipped) - 5)
     splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
     every_path = [s.path for part in splits.values() for s in part]
-    bad = find_bad_images(every_path, workers=max(1, config.data.workers))
+    bad = find_bad_images(every_path, workers=max(1, config.data.workers), pixels=policy_from_config(config.data))
     if bad:
         listed = ", ".join(f"{p} ({why})" for p, why in bad[:3])
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -334,11 +335,13 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
              [round(m, 3) for m in mean], [round(s, 3) for s in std])
 
     data_cfg = config.data
+    pixels = policy_from_config(data_cfg)
     train_set = ImageDataset(splits["train"], build_transforms(data_cfg.augment.train, mean, std, train=True),
-                             data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images)
+                             data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images, pixels=pixels)
     eval_transform = build_transforms([], mean, std, train=False)
     eval_sets = {
-        name: ImageDataset(splits[name], eval_transform, data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images)
+        name: ImageDataset(splits[name], eval_transform, data_cfg.channels, data_cfg.image_size,
+                           skip_bad=data_cfg.skip_bad_images, pixels=pixels)
         for name in ("val", "test") if splits.get(name)
     }
     batch = config.train.batch_size

@@ -109,8 +109,10 @@ def test_arrays_and_pil_images(tmp_path):
     assert load_image(SIXTEEN_BIT[:, :, None], channels=1)[:, :, 0].tolist() == SIXTEEN_BIT_AS_8.tolist()
     assert load_image(np.zeros((5, 7, 3), np.uint8), channels=1, size=4).shape == (4, 4, 1)
     assert load_image(Image.new("L", (3, 2), 200))[0, 0].tolist() == [200, 200, 200]
-    with pytest.raises(VisionFTError, match="dtype float64"):
-        load_image(np.zeros((4, 4)))
+    # Float arrays go through the intensity policy (auto: min-max per image); other dtypes are refused.
+    assert load_image(np.array([[0.5, 1.5], [2.5, 3.5]]), channels=1)[:, :, 0].tolist() == [[0, 85], [170, 255]]
+    with pytest.raises(VisionFTError, match="dtype complex128"):
+        load_image(np.zeros((4, 4), dtype=complex))
     with pytest.raises(VisionFTError, match="channels=2"):
         load_image(np.zeros((4, 4), np.uint8), channels=2)
 

@@ -43,7 +43,7 @@ def test_image_folder_classes_labels_and_nested_images(tmp_path):
 def test_every_listed_extension_is_found_in_any_case(tmp_path):
     root = tmp_path / "data"
     formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
-    assert set(formats) == set(IMAGE_SUFFIXES)
+    assert set(formats) | {".dcm", ".dicom"} == set(IMAGE_SUFFIXES)  # DICOM: tests/data/test_dicom.py
     for i, (suffix, fmt) in enumerate(formats.items()):
         write_image(root / "a" / f"{i}{suffix.upper() if i % 2 else suffix}", fmt=fmt)
         write_image(root / "b" / f"{i}{suffix}", fmt=fmt)

@@ -11,13 +11,14 @@ from torch.utils.data import Dataset
 
 from vision_ft.data.decode import load_image
 from vision_ft.data.discover import Sample
+from vision_ft.data.pixel_policy import PixelPolicy
 from vision_ft.errors import VisionFTError
 
 log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """(float tensor C x H x W, int label) per sample.
+    """(float tensor C x H x W, int label or float target vector) per sample.
 
     Each item is read from disk when asked for (nothing is cached), decoded and resized by
     `load_image` to `image_size` x `image_size` with `channels` channels, then passed through
@@ -36,6 +37,7 @@ class ImageDataset(Dataset):
         channels: int,
         image_size: int,
         skip_bad: bool = False,
+        pixels: PixelPolicy | None = None,
     ) -> None:
         if channels not in (1, 3):
             raise VisionFTError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
@@ -45,6 +47,7 @@ class ImageDataset(Dataset):
         self.channels = channels
         self.image_size = image_size
         self.skip_bad = skip_bad
+        self.pixels = pixels
         self._bad: set[int] = set()  # per process: each worker learns on its own
 
     def __len__(self) -> int:
@@ -61,19 +64,21 @@ class ImageDataset(Dataset):
             return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
         return self.transform(image=image)["image"]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | np.ndarray]:
         for attempt in range(len(self.samples)):
             current = (index + attempt) % len(self.samples)
             if current in self._bad:
                 continue
             sample = self.samples[current]
             try:
-                image = load_image(sample.path, self.channels, self.image_size)
+                image = load_image(sample.path, self.channels, self.image_size, self.pixels)
             except VisionFTError as exc:
                 if not self.skip_bad:
                     raise
                 self._bad.add(current)
                 log.warning("skipping unreadable image: %s", exc)
                 continue
-            return self._to_tensor(image), sample.label
+            # Multi-label and regression samples carry a float vector; classification an int.
+            target = sample.label if sample.target is None else np.asarray(sample.target, dtype=np.float32)
+            return self._to_tensor(image), target
         raise VisionFTError(f"none of the {len(self.samples)} images of this dataset could be decoded; check the data folder")

@@ -12,12 +12,14 @@ model-metadata version):
    and the image is used as stored.
 3. Bring the pixels to 8 bits per channel:
 
-   * 16-bit grayscale (modes ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``; 16-bit PNG and TIFF) and
-     32-bit integer ``I``: clip to 0..65535, then divide by 257 rounding to the nearest integer
-     (65535 -> 255, 257 * k -> k). No per-image contrast stretch, so intensities stay comparable
-     between images.
-   * 32-bit float ``F``: min-max scaled per image to 0..255 (NaN/inf treated as 0; a constant
-     image becomes 0), because float images have no fixed range.
+   * 16-bit grayscale (modes ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``; 16-bit PNG and TIFF),
+     32-bit integer ``I`` and 32-bit float ``F``: mapped by the run's intensity policy
+     (``data.intensity``, `vision_ft.data.intensity`). Its default, ``auto``, clips integers to
+     0..65535 and divides by 257 rounding to nearest (65535 -> 255, 257 * k -> k; no per-image
+     stretch, so intensities stay comparable between images) and min-max scales floats per
+     image (NaN/inf treated as 0; a constant image becomes 0).
+   * DICOM (``.dcm``, or the ``DICM`` preamble): modality rescale, VOI window/LUT, MONOCHROME1
+     inversion, see `vision_ft.data.dicom`.
    * ``1`` (bilevel) -> ``L``; ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` -> ``RGB``.
    * Palette ``P``: through ``RGBA`` when the palette has transparency, else ``RGB``.
    * Transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``): composited onto a
@@ -31,8 +33,9 @@ model-metadata version):
    bilinear filter (which antialiases when shrinking), after steps 1-4. Training, evaluation and
    the runtime all resize here, so the model always sees pixels made the same way.
 
-numpy input: ``H x W`` or ``H x W x C`` (C = 1, 2, 3, 4 as L, LA, RGB, RGBA), dtype uint8 or
-uint16 (uint16 is scaled as in step 3). Pillow images go through steps 2-5.
+numpy input: ``H x W`` or ``H x W x C`` (C = 1, 2, 3, 4 as L, LA, RGB, RGBA), dtype uint8, or
+uint16/int32/float (scaled by the intensity policy as in step 3). Pillow images go through
+steps 2-5.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vision_ft.data.dicom import DicomFailure, is_dicom_file, read_dicom
+from vision_ft.data.intensity import to_8bit
+from vision_ft.data.pixel_policy import PixelPolicy
 from vision_ft.errors import VisionFTError
 
 ImageSource = Union[Path, str, Image.Image, np.ndarray]
@@ -75,8 +81,16 @@ def _short_reason(exc: BaseException, fmt: str | None) -> str:
     return f"corrupt {kind}: {text[:80]}"
 
 
-def _open_decoded(path: Path) -> Image.Image:
+def _open_decoded(path: Path, pixels: PixelPolicy | None = None) -> Image.Image:
     """Open, fully decode (frame 0) and orient a file, or raise _DecodeFailure with a short reason."""
+    if is_dicom_file(path):
+        policy = pixels or PixelPolicy()
+        try:
+            return Image.fromarray(read_dicom(path, policy.intensity, policy.dicom))
+        except DicomFailure as failure:
+            raise _DecodeFailure(str(failure)) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise _DecodeFailure(_short_reason(exc, "DICOM")) from None
     fmt = None
     try:
         with Image.open(path) as image:
@@ -97,35 +111,20 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     return oriented if oriented is not None else image.copy()
 
 
-def _sixteen_bit_to_8(values: np.ndarray) -> np.ndarray:
-    wide = np.clip(values.astype(np.int64), 0, 65535)
-    # (v + 128) // 257 rounds v / 257 to nearest; v / 257 is never exactly halfway (257 is odd).
-    return ((wide + 128) // 257).astype(np.uint8)
-
-
-def _float_to_8(values: np.ndarray) -> np.ndarray:
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
 def _composite_on_white(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (_WHITE, _WHITE, _WHITE, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
+def _to_8bit(image: Image.Image, pixels: PixelPolicy | None = None) -> Image.Image:
     """An L or RGB image with the same content (steps 3 of the policy)."""
     mode = image.mode
     if mode in ("L", "RGB"):
         return image
-    if mode in _SIXTEEN_BIT_MODES:
-        return Image.fromarray(_sixteen_bit_to_8(np.asarray(image)))
-    if mode == "F":
-        return Image.fromarray(_float_to_8(np.asarray(image)))
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        intensity = (pixels or PixelPolicy()).intensity
+        return Image.fromarray(to_8bit(np.asarray(image), intensity))
     if mode == "1":
         return image.convert("L")
     if mode == "P":
@@ -142,15 +141,15 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         raise _DecodeFailure(f"unsupported pixel mode {mode} ({exc})") from None
 
 
-def _array_to_image(array: np.ndarray) -> Image.Image:
+def _array_to_image(array: np.ndarray, pixels: PixelPolicy | None = None) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (2, 3, 4)):
         raise _DecodeFailure(f"array of shape {array.shape} is not H x W or H x W x C with C in 1..4")
-    if array.dtype == np.uint16:
-        array = _sixteen_bit_to_8(array)
+    if array.dtype.kind in "uif" and array.dtype != np.uint8:
+        array = to_8bit(array, (pixels or PixelPolicy()).intensity)
     elif array.dtype != np.uint8:
-        raise _DecodeFailure(f"array dtype {array.dtype} is not uint8 or uint16; convert it first")
+        raise _DecodeFailure(f"array dtype {array.dtype} is not a numeric image type; convert it first")
     # Pillow infers the mode from the shape: L, LA, RGB or RGBA.
     return Image.fromarray(np.ascontiguousarray(array))
 
@@ -175,9 +174,14 @@ def _describe(source: ImageSource) -> str:
 
 
 def load_image(
-    source: ImageSource, channels: int = 3, size: int | tuple[int, int] | None = None
+    source: ImageSource,
+    channels: int = 3,
+    size: int | tuple[int, int] | None = None,
+    pixels: PixelPolicy | None = None,
 ) -> np.ndarray:
     """Decode `source` into an H x W x `channels` uint8 array following the module's policy.
+
+    `pixels` is the run's intensity / DICOM policy (default: ``auto`` intensity, file window).
 
     Raises VisionFTError with a one-line message naming the file when it cannot be decoded.
     """
@@ -185,7 +189,7 @@ def load_image(
         raise VisionFTError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
     try:
         if isinstance(source, np.ndarray):
-            image = _array_to_image(source)
+            image = _array_to_image(source, pixels)
         elif isinstance(source, Image.Image):
             try:
                 source.load()  # a lazily opened image may still fail to decode here
@@ -193,8 +197,8 @@ def load_image(
                 raise _DecodeFailure(_short_reason(exc, source.format)) from None
             image = _apply_exif_orientation(source)
         else:
-            image = _open_decoded(Path(source))
-        image = _to_8bit(image)
+            image = _open_decoded(Path(source), pixels)
+        image = _to_8bit(image, pixels)
         image = image.convert("L" if channels == 1 else "RGB")
     except _DecodeFailure as failure:
         raise VisionFTError(
@@ -208,16 +212,16 @@ def load_image(
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def decode_problem(path: Path | str) -> str | None:
+def decode_problem(path: Path | str, pixels: PixelPolicy | None = None) -> str | None:
     """A short reason why `path` cannot be decoded, or None when it decodes cleanly."""
     try:
-        _to_8bit(_open_decoded(Path(path)))
+        _to_8bit(_open_decoded(Path(path), pixels), pixels)
     except _DecodeFailure as failure:
         return str(failure)
     return None
 
 
-def find_bad_images(paths: list[Path], workers: int = 2) -> list[tuple[Path, str]]:
+def find_bad_images(paths: list[Path], workers: int = 2, pixels: PixelPolicy | None = None) -> list[tuple[Path, str]]:
     """(path, short reason) for every file that fails a full decode, in the order given.
 
     Threads suffice: Pillow releases the GIL while decoding.
@@ -225,8 +229,8 @@ def find_bad_images(paths: list[Path], workers: int = 2) -> list[tuple[Path, str
     if not paths:
         return []
     if workers <= 1:
-        problems = [decode_problem(p) for p in paths]
+        problems = [decode_problem(p, pixels) for p in paths]
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            problems = list(pool.map(decode_problem, paths, chunksize=32))
+            problems = list(pool.map(lambda p: decode_problem(p, pixels), paths, chunksize=32))
     return [(path, reason) for path, reason in zip(paths, problems) if reason is not None]

@@ -22,9 +22,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vision_ft.data.dicom import DICOM_SUFFIXES, is_dicom_file
 from vision_ft.errors import VisionFTError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", *DICOM_SUFFIXES})
 SPLIT_NAMES = ("train", "val", "test")
 # Files and folders that operating systems and archivers leave behind; never worth a warning.
 _OS_JUNK = frozenset({".ds_store", "thumbs.db", "desktop.ini", "__macosx", "$recycle.bin", "system volume information"})
@@ -35,7 +36,9 @@ class Sample:
     """One labelled image."""
 
     path: Path  # absolute
-    label: int  # index into DatasetIndex.class_names
+    label: int  # index into DatasetIndex.class_names (multi-label/regression: a stratum for splitting)
+    # Multi-label: one 0/1 per label; regression: one value per target (None for classification).
+    target: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -50,8 +53,10 @@ class DatasetIndex:
 
 
 def is_image_file(path: Path) -> bool:
-    """True when the file name has one of the supported image extensions (any case)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    """True when the file name has one of the supported image extensions (any case), or when a
+    file without an extension is DICOM (archives often store DICOM files without one)."""
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or (suffix == "" and is_dicom_file(path))
 
 
 def _ignored(name: str) -> bool:
