@@ -108,14 +108,21 @@ def test_corrupt_truncated_and_undecodable_files(tmp_path):
     assert "corrupt DICOM" in bad[truncated]
 
 
-def test_lossy_jpeg_needs_a_decoder_package_or_decodes():
-    path = sample("JPEG-lossy.dcm")
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+def test_compressed_syntaxes_decode_with_the_medical_extra(name):
+    """12-bit and lossless JPEG need pylibjpeg (the medical extra); without it, one line names it."""
+    path = sample(name)
     try:
-        image = load_image(path, channels=1)
-    except VisionFTError as exc:  # no JPEG 12-bit decoder installed: the message names pydicom's decoders
-        assert "pylibjpeg" in str(exc) and "\n" not in str(exc)
-    else:
-        assert image.shape[2] == 1 and image.std() > 0
+        import pylibjpeg  # noqa: F401
+    except ImportError:
+        with pytest.raises(VisionFTError) as info:
+            load_image(path, channels=1)
+        assert "vision-ft[medical]" in str(info.value) and "\n" not in str(info.value)
+        return
+    image = load_image(path, channels=1)
+    assert image.shape[2] == 1 and image.std() > 0
+    if name == "MR_small_jpeg_ls_lossless.dcm":  # lossless: the same pixels as the plain file
+        assert (image[:, :, 0] == grey(sample("MR_small.dcm"))).all()
 
 
 def test_missing_pydicom_names_the_extra(monkeypatch):

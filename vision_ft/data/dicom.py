@@ -127,8 +127,8 @@ def _frame(dataset: Any, options: DicomOptions) -> np.ndarray:
             syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
             name = getattr(syntax, "name", str(syntax))
             raise DicomFailure(
-                f"no installed decoder for its transfer syntax {name}; install pydicom's decoder packages: "
-                "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+                f"no installed decoder could decode its transfer syntax {name}; install pydicom's decoder "
+                "packages (pip install 'vision-ft[medical]') or convert the file"
             ) from None
         raise DicomFailure(f"corrupt DICOM: {text}") from None
     if frames > 1:
