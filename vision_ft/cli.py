@@ -110,10 +110,10 @@ def eval_command(
     metrics = evaluate_run(run, data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
     _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
     if out:
-        write_eval_outputs(metrics, list(metrics["per_class"]), out)
+        write_eval_outputs(metrics, list(metrics.get("per_class", {})), out)
         typer.echo(f"metrics written to {out}")
     else:
-        typer.echo(json.dumps({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")}))
+        typer.echo(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}))
 
 
 def _is_onnx_model(source: Path) -> bool:
@@ -132,7 +132,7 @@ def predict(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
 ) -> None:
     """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
-    from vision_ft.predict import collect_images, predict_run, prediction_header, prediction_rows, write_predictions_csv
+    from vision_ft.predict import collect_images, predict_run, write_predictions_csv
     from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
 
     check_threshold(threshold)
@@ -141,12 +141,14 @@ def predict(
 
         model = load_model(source)
         images = collect_images(path)
-        top_k = max(1, min(top_k, len(model.class_names)))
         with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
-            probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
-        header, rows = prediction_header(top_k), prediction_rows(images, probs, model.class_names, top_k)
+            scores = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
+        header, rows = model.prediction_table(images, scores, top_k)
     else:
         header, rows = predict_run(source, path, top_k=top_k, batch_size=batch_size)
+    if threshold is not None and header[1] != "label":
+        raise VisionFTError("--threshold applies to single-label classifiers; multi-label models carry per-label "
+                            "thresholds chosen on val, regressors none")
     rows = mark_uncertain(rows, threshold)
     if out:
         write_predictions_csv(out, header, rows)

@@ -58,6 +58,10 @@ class DataConfig(_Strict):
     # DICOM VOI window: file (the file's own, else `intensity`) | auto (`intensity`) | [center, width].
     dicom_window: Union[Literal["file", "auto"], list[float]] = "file"
     dicom_frame: int | None = Field(None, ge=0)  # the frame of multi-frame DICOM files; null refuses them
+    # task: multilabel reads 0/1 columns with these names instead of a `labels` column.
+    label_columns: list[str] | None = None
+    # task: regression reads these numeric columns instead of the `target` column.
+    target_columns: list[str] | None = None
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("intensity")
@@ -94,7 +98,9 @@ class ModelConfig(_Strict):
 
 
 class EarlyStoppingConfig(_Strict):
-    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] = "macro_f1"
+    # auto: the task's default (classification macro_f1, multilabel macro_auroc, regression rmse).
+    metric: Literal["auto", "loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "macro_auroc", "map",
+                    "micro_auroc", "micro_f1", "rmse", "mae", "r2", "pearson", "spearman"] = "auto"
     patience: int = Field(5, ge=1)
 
 
@@ -112,6 +118,9 @@ class TrainConfig(_Strict):
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     seed: int = 0
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    regression_loss: Literal["mse", "l1", "huber"] = "mse"  # on standardised targets
+    # multilabel: BCE positive weights, none | auto (negatives/positives per label, capped at 100) | one per label
+    pos_weight: Union[Literal["none", "auto"], list[float]] = "none"
 
 
 class LoRAConfig(_Strict):
@@ -147,6 +156,7 @@ class ExportConfig(_Strict):
 
 
 class Config(_Strict):
+    task: Literal["classification", "multilabel", "regression"] = "classification"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

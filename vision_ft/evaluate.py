@@ -9,25 +9,13 @@ from typing import Any
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
-from vision_ft.data.discover import Sample, discover
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.run_model import default_device, load_run
-from vision_ft.train import evaluate_probs, predict_loader
-
-
-def _relabel(samples: list[Sample], source_names: list[str], run_names: list[str], data: Path) -> list[Sample]:
-    """Map the folder's class indices onto the run's, by class name."""
-    unknown = sorted(set(source_names) - set(run_names))
-    if unknown:
-        raise VisionFTError(
-            f"{data} has classes the run was not trained on: {', '.join(unknown)}; the run knows {', '.join(run_names)}"
-        )
-    to_run = {i: run_names.index(name) for i, name in enumerate(source_names)}
-    return [Sample(s.path, to_run[s.label]) for s in samples]
+from vision_ft.train import predict_loader
 
 
 def evaluate_run(
@@ -39,18 +27,22 @@ def evaluate_run(
     workers: int | None = None,
     skip_bad_images: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of a run's checkpoint on every image under `data` (or one split of a pre-split folder)."""
+    """Metrics of a run's checkpoint on every image under `data` (or one split of a pre-split folder).
+
+    The data is read by the run's task (class folders, multi-label or regression manifests) and
+    checked against what the run was trained on; multi-label thresholds are the run's.
+    """
     device = default_device()
     keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     loaded = load_run(run_dir, checkpoint, device)
     cfg = loaded.config
-    index = discover(Path(data))
+    task = loaded.task
+    index = task.discover(Path(data), known=loaded.class_names)
     samples = index.samples
     if split is not None:
         if not index.presplit or split not in index.presplit:
             raise VisionFTError(f"{data} has no '{split}' split folder; drop --split to evaluate every image")
         samples = index.presplit[split]
-    samples = _relabel(samples, index.class_names, loaded.class_names, Path(data))
     pixels = policy_from_config(cfg.data)
     bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers), pixels=pixels)
     if bad and not skip_bad_images:
@@ -63,15 +55,16 @@ def evaluate_run(
                            cfg.data.channels, cfg.data.image_size, pixels=pixels)
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
                           workers=cfg.data.workers if workers is None else workers)
-    probs, labels = predict_loader(loaded.model, loader, device=next(loaded.model.parameters()).device)
-    metrics = evaluate_probs(probs, labels, loaded.class_names, cfg.train.label_smoothing)
+    scores, targets = predict_loader(loaded.model, loader, device=next(loaded.model.parameters()).device, task=task)
+    metrics = task.evaluate(scores, targets)
     metrics["data"] = str(data)
     metrics["skipped_unreadable"] = len(bad)
     return metrics
 
 
 def write_eval_outputs(metrics: dict[str, Any], class_names: list[str], out: Path) -> None:
-    """metrics JSON plus a confusion-matrix PNG beside it."""
+    """metrics JSON plus, for classification, a confusion-matrix PNG beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=1))
-    plot_confusion_matrix(metrics["confusion_matrix"], class_names, out.with_suffix(".png"), f"eval on {metrics['data']}")
+    if "confusion_matrix" in metrics:
+        plot_confusion_matrix(metrics["confusion_matrix"], class_names, out.with_suffix(".png"), f"eval on {metrics['data']}")

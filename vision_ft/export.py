@@ -44,6 +44,7 @@ from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
 from vision_ft.run_model import LoadedRun, load_run
 from vision_ft.runtime import OnnxClassifier, open_session
+from vision_ft.tasks.postprocess import task_summary
 
 OPSET = 20
 # Largest |onnxruntime - torch| logit difference accepted for logits up to 10 in size; larger
@@ -97,8 +98,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset: int = OPSET) -> onnx.ModelProto:
-    """Export an eval-mode model to ONNX with input 'image' (N x C x H x W) and output 'logits' (N x classes).
+def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset: int = OPSET,
+            output_name: str = "logits") -> onnx.ModelProto:
+    """Export an eval-mode model to ONNX with input 'image' (N x C x H x W) and output `output_name` (N x outputs).
 
     The batch axis is dynamic; the example batch has 2 images because torch.export treats a
     size of 1 as a constant.
@@ -116,7 +118,7 @@ def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset:
         try:
             program = torch.onnx.export(
                 model, (example,), dynamo=True, opset_version=opset, input_names=["image"],
-                output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+                output_names=[output_name], dynamic_shapes=({0: batch},), verbose=False,
             )
         except Exception as exc:  # noqa: BLE001 - torch.export raises many types for unsupported code
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -125,9 +127,11 @@ def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset:
 
 
 def describe(metadata: ModelMetadata) -> str:
-    """The model's doc_string: what it classifies; the preprocessing is in the metadata."""
+    """The model's doc_string: what it predicts; the preprocessing is in the metadata."""
     names = ", ".join(metadata.class_names[:8]) + (", ..." if len(metadata.class_names) > 8 else "")
-    return f"{metadata.backbone} classifier for {len(metadata.class_names)} classes ({names}); preprocessing in the vision_ft.* metadata"
+    noun = {"multilabel": "labels", "regression": "targets"}.get(metadata.task, "classes")
+    return (f"{metadata.backbone} {task_summary(metadata.task)} for {len(metadata.class_names)} {noun} ({names}); "
+            "preprocessing in the vision_ft.* metadata")
 
 
 def attach_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
@@ -169,6 +173,9 @@ def run_metadata(loaded: LoadedRun) -> ModelMetadata:
         split_fingerprint=split_fingerprint(splits),
         finetune_strategy=cfg.finetune.strategy,
         **policy_from_config(cfg.data).settings(),
+        task=loaded.task.kind,
+        task_info=loaded.task.metadata(),
+        output_name=loaded.task.onnx_output_name,
     )
 
 
@@ -259,7 +266,8 @@ def export_run(
     _check_destination(out, force)  # before the slow model load, so a refusal is immediate
     loaded = load_run(run_dir)
     split_name, images = verification_images(loaded.run.split, verify_count)
-    model = merge_adapters(loaded.model).float().eval()
+    # The task's head: a sigmoid (multi-label) or the de-standardisation (regression) ends the graph.
+    model = loaded.task.export_head(merge_adapters(loaded.model).float().eval())
     for param in model.parameters():
         param.requires_grad_(False)
     metadata = run_metadata(loaded)
@@ -267,7 +275,7 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     try:
-        proto = to_onnx(model, metadata.channels, tuple(metadata.input_size), opset)
+        proto = to_onnx(model, metadata.channels, tuple(metadata.input_size), opset, metadata.output_name)
         attach_metadata(proto, metadata)
         save_checked(proto, partial)
         check = verify(model, partial, images, tolerance)

@@ -17,6 +17,8 @@ from sklearn.metrics import (
 )
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+# Multi-label and regression summaries (vision_ft.tasks); absent keys are skipped.
+_OTHER_TASK_KEYS = ("macro_auroc", "map", "micro_auroc", "micro_f1", "rmse", "mae", "r2", "pearson", "spearman")
 
 
 def _auroc(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> float | None:
@@ -74,7 +76,7 @@ def _compute(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> d
 def format_summary(metrics: dict[str, Any]) -> str:
     """`accuracy 0.912  balanced_accuracy 0.900 ...` for logs and the CLI."""
     parts = []
-    for key in ("loss", *SUMMARY_KEYS):
+    for key in ("loss", *SUMMARY_KEYS, *_OTHER_TASK_KEYS):
         value = metrics.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts.append(f"{key} {value:.4f}")

@@ -14,7 +14,10 @@ The preprocessing it describes is the training evaluation pipeline:
 2. ``(pixel / 255 - mean) / std`` per channel, as float32;
 3. H x W x C -> C x H x W, stacked into an N x C x H x W batch.
 
-The output named ``output_name`` holds logits (N x classes); softmax gives probabilities.
+The output named ``output_name`` depends on ``task`` (`vision_ft.tasks.postprocess`):
+classification: logits (N x classes), softmax gives probabilities; multilabel: sigmoid
+probabilities (N x labels), ``task_info["thresholds"]`` turns them into label sets; regression:
+values in the targets' units (N x targets). ``class_names`` names the classes, labels or targets.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class ModelMetadata:
     intensity: str = "auto"
     dicom_window: Any = "file"
     dicom_frame: int | None = None
+    task: str = "classification"  # classification | multilabel | regression
+    task_info: dict[str, Any] = field(default_factory=dict)  # multilabel: thresholds; regression: target statistics
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_properties(self) -> dict[str, str]:
@@ -114,6 +119,11 @@ class ModelMetadata:
             problems.append("class_names must be a non-empty list of strings")
         if len(self.input_size) != 2 or not all(isinstance(v, int) and v > 0 for v in self.input_size):
             problems.append(f"input_size {self.input_size} must be [height, width]")
+        if self.task not in ("classification", "multilabel", "regression"):
+            problems.append(f"task {self.task!r} is not classification, multilabel or regression")
+        thresholds = self.task_info.get("thresholds") if isinstance(self.task_info, dict) else None
+        if self.task == "multilabel" and (not isinstance(thresholds, list) or len(thresholds) != len(self.class_names)):
+            problems.append("a multilabel model needs one threshold per label in task_info")
         if self.channels not in (1, 3):
             problems.append(f"channels {self.channels} must be 1 or 3")
         if len(self.mean) != self.channels or len(self.std) != self.channels or any(s <= 0 for s in self.std):

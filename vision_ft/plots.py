@@ -42,7 +42,11 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, metric: str)
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
-    for key in ("accuracy", "macro_f1", "auroc"):
+    # Every validation metric the task logged (classification: accuracy, macro_f1, auroc, ...).
+    keys = [k[4:] for k in history[0] if k.startswith("val_") and k != "val_loss"] if history else []
+    for key in keys:
+        if key == "balanced_accuracy":
+            continue  # close to accuracy on most data; one fewer line to tell apart
         values = [row.get(f"val_{key}") for row in history]
         if any(v is not None for v in values):
             metric_ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=f"val {key}")

@@ -18,6 +18,7 @@ from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.run_model import default_device, load_run
+from vision_ft.tasks.postprocess import prediction_table
 
 
 def collect_images(path: Path) -> list[Path]:
@@ -42,14 +43,8 @@ def prediction_header(top_k: int) -> list[str]:
 
 
 def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int) -> list[list[str]]:
-    rows = []
-    for path, p in zip(paths, probs):
-        order = np.argsort(-p)[:top_k]
-        row = [str(path), class_names[order[0]], f"{p[order[0]]:.6f}"]
-        for idx in order:
-            row += [class_names[idx], f"{p[idx]:.6f}"]
-        rows.append(row)
-    return rows
+    """Classification rows: path, label, score, top-k labels and scores."""
+    return prediction_table("classification", paths, probs, class_names, top_k)[1]
 
 
 def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -> None:
@@ -62,16 +57,16 @@ def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -
 
 @torch.no_grad()
 def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of predictions of a run's best checkpoint on `path`."""
+    """Header and rows of predictions of a run's best checkpoint on `path` (columns by task, see
+    `vision_ft.tasks.postprocess.prediction_table`)."""
     device = default_device()
     keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     loaded = load_run(run_dir, device=device)
     cfg = loaded.config
     images = collect_images(path)
-    top_k = max(1, min(top_k, len(loaded.class_names)))
     dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
                            cfg.data.channels, cfg.data.image_size, pixels=policy_from_config(cfg.data))
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
-    probs = [torch.softmax(loaded.model(x.to(device)), dim=1).cpu().numpy()
-             for x, _ in tqdm(loader, desc="predict", leave=False, disable=not sys.stderr.isatty())]
-    return prediction_header(top_k), prediction_rows(images, np.concatenate(probs), loaded.class_names, top_k)
+    scores = [loaded.task.scores(loaded.model(x.to(device)))
+              for x, _ in tqdm(loader, desc="predict", leave=False, disable=not sys.stderr.isatty())]
+    return loaded.task.prediction_table(images, np.concatenate(scores), top_k)

@@ -193,6 +193,9 @@ def quantize_run(
         raise VisionFTError(f"--out {out} is the fp32 model itself; choose another file")
     if calibration_count < 1:
         raise VisionFTError(f"--calibration-images {calibration_count} must be at least 1")
+    if load_model(source).task != "classification":
+        raise VisionFTError(f"{source} is a {load_model(source).task} model; INT8 quantization measures top-1 accuracy "
+                            "and supports classification models only")
     _, splits = load_split(run.split)
     calibration = [s.path for s in spread_over_classes(splits["train"], calibration_count) if s.path.is_file()]
     test_split = "test" if splits.get("test") else "val"

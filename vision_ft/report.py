@@ -13,32 +13,30 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def write_report(run: RunFolder, config: Config, class_names: list[str], metrics: dict[str, Any], state: dict[str, Any]) -> None:
+def write_report(run: RunFolder, config: Config, class_names: list[str], metrics: dict[str, Any], state: dict[str, Any],
+                 task: Any = None) -> None:
+    """report.md; `task` (a vision_ft.tasks Task) writes the metrics tables of its kind."""
+    kind = getattr(task, "kind", "classification")
+    noun = {"multilabel": "labels", "regression": "targets"}.get(kind, "classes")
     lines = [
         f"# vision-ft run `{run.root.name}`",
         "",
         f"- model: `{config.model.name}` (weights: `{config.model.weights}`), strategy `{config.finetune.strategy}`",
-        f"- data: `{config.data.path}`, {len(class_names)} classes: {', '.join(class_names)}",
+        f"- task: {kind}; data: `{config.data.path}`, {len(class_names)} {noun}: {', '.join(class_names)}",
         f"- input: {config.data.image_size} px, {config.data.channels} channel(s)",
         f"- epochs run: {state['epoch']} of {config.train.epochs}"
         + (" (stopped early)" if state.get("stopped_early") else "")
-        + f"; best epoch {state['best_epoch']} by val {config.train.early_stopping.metric}",
+        + f"; best epoch {state['best_epoch']} by val "
+        + (task.early_stopping_metric if task is not None else config.train.early_stopping.metric),
         f"- vision-ft {__version__}",
         "",
         "## Metrics (best checkpoint)",
         "",
-        "| split | accuracy | balanced acc. | macro-F1 | ROC-AUC | images |",
-        "|---|---|---|---|---|---|",
     ]
-    for split in ("val", "test"):
-        if split in metrics:
-            m = metrics[split]
-            lines.append(f"| {split} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_f1'])} "
-                         f"| {_fmt(m['auroc'])} | {m['num_samples']} |")
-    if "test" in metrics:
-        lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
-        for name, row in metrics["test"]["per_class"].items():
-            lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+    if task is not None:
+        lines += task.report_lines(metrics)
+    else:
+        lines += classification_lines(metrics)
     lines += ["", "## Plots", ""]
     for png in sorted(run.plots.glob("*.png")):
         lines.append(f"![{png.stem}](plots/{png.name})")
@@ -53,6 +51,24 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
     ]
     if run.onnx.is_file():
         lines.append("- `model.onnx`: the best checkpoint for onnxruntime (`vision-ft predict model.onnx IMAGES`, "
-                     "`vision_ft.runtime`), class names and preprocessing in its metadata")
+                     "`vision_ft.runtime`), names, thresholds and preprocessing in its metadata")
     lines.append("")
     run.report.write_text("\n".join(lines))
+
+
+def classification_lines(metrics: dict[str, Any]) -> list[str]:
+    """The metrics tables of a classification run."""
+    lines = [
+        "| split | accuracy | balanced acc. | macro-F1 | ROC-AUC | images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split in ("val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            lines.append(f"| {split} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_f1'])} "
+                         f"| {_fmt(m['auroc'])} | {m['num_samples']} |")
+    if "test" in metrics:
+        lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
+        for name, row in metrics["test"]["per_class"].items():
+            lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+    return lines

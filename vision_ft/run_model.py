@@ -14,6 +14,8 @@ from vision_ft.data.split import load_split
 from vision_ft.finetune.build import build_strategy
 from vision_ft.models.create import create_model, pretrained_normalisation
 from vision_ft.run_folder import RunFolder, open_run_folder
+from vision_ft.tasks import build_task
+from vision_ft.tasks.base import Task
 
 
 @dataclass
@@ -24,6 +26,7 @@ class LoadedRun:
     model: nn.Module
     mean: list[float]
     std: list[float]
+    task: Task  # with its state (thresholds, target statistics) from the run folder
 
 
 def normalisation(config: Config, model: nn.Module) -> tuple[list[float], list[float]]:
@@ -59,11 +62,14 @@ def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = 
     """The run's model with the weights of its `best` or `last` checkpoint, in eval mode on `device`."""
     run = open_run_folder(path)
     config = load_config(run.config)
-    class_names, _ = load_split(run.split)
+    class_names, splits = load_split(run.split)
+    task = build_task(config, class_names)
+    task.fit(splits.get("train", []))  # task.json, when present, overrides what this recomputes
+    task.load(run.root)
     # The checkpoint holds every weight, so no pretrained download is needed here.
     model = build_model(config, len(class_names), weights="none")
     build_strategy(config.finetune).prepare(model)  # gives LoRA runs their adapter modules
     load_model_weights(run.best if checkpoint == "best" else run.last, model)
     model.eval().to(device)
     mean, std = normalisation(config, model)
-    return LoadedRun(run, config, class_names, model, mean, std)
+    return LoadedRun(run, config, class_names, model, mean, std, task)

@@ -27,6 +27,7 @@ from vision_ft.data.decode import ImageSource, load_image
 from vision_ft.data.pixel_policy import PixelPolicy
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
+from vision_ft.tasks.postprocess import label_sets, onnx_outputs_to_scores, prediction_table, softmax  # noqa: F401
 
 UNCERTAIN = "uncertain"
 DEFAULT_BATCH_SIZE = 32
@@ -34,12 +35,20 @@ DEFAULT_BATCH_SIZE = 32
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result. `label` is `UNCERTAIN` when `score` fell below the threshold."""
+    """One image's result.
+
+    classification: `label` is the most likely class, or `UNCERTAIN` when `score` fell below the
+    threshold. multilabel: `labels` is the set of labels at or above their thresholds, `label`
+    the same joined by ";", `probabilities` one per label. regression: `values`, one per target
+    in the targets' units (`label` and `score` are empty).
+    """
 
     label: str
-    score: float  # probability of the most likely class
+    score: float  # probability of the most likely class (multilabel: of the most likely label)
     top_class: str  # the most likely class, also when the label is UNCERTAIN
-    probabilities: np.ndarray  # one per class, in `OnnxClassifier.class_names` order
+    probabilities: np.ndarray  # one per class or label, in `OnnxClassifier.class_names` order
+    labels: frozenset[str] = frozenset()  # multilabel: the labels above their thresholds
+    values: np.ndarray | None = None  # regression: one value per target
 
 
 def session_options(threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
@@ -87,13 +96,6 @@ def open_session(path: Path | str, threads: int | None = None, providers: Sequen
         ) from None
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, computed in float64 (stable for large logits)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 class OnnxClassifier:
     """An exported vision-ft model with the preprocessing its metadata describes."""
 
@@ -131,6 +133,16 @@ class OnnxClassifier:
         return list(self.metadata.class_names)
 
     @property
+    def task(self) -> str:
+        """classification, multilabel or regression: what the scores mean."""
+        return self.metadata.task
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """Per-label thresholds of a multi-label model (chosen on the validation split), else None."""
+        return self.metadata.task_info.get("thresholds") if self.task == "multilabel" else None
+
+    @property
     def input_size(self) -> tuple[int, int]:
         """(height, width) images are resized to."""
         height, width = self.metadata.input_size
@@ -155,7 +167,7 @@ class OnnxClassifier:
         return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model outputs (N x classes) for a preprocessed batch."""
+        """Raw model outputs (N x outputs) for a preprocessed batch: logits, sigmoid probabilities or values."""
         meta = self.metadata
         return self.session.run([meta.output_name], {meta.input_name: batch})[0]
 
@@ -165,7 +177,8 @@ class OnnxClassifier:
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        """Class probabilities (N x classes) for a list of file paths, arrays or Pillow images.
+        """Scores (N x outputs) for a list of file paths, arrays or Pillow images: class
+        probabilities, per-label probabilities (multilabel) or values (regression).
 
         Runs in batches of `batch_size`; the next batch is decoded while the current one runs
         (onnxruntime releases the GIL). `progress` is called with the number of images done per
@@ -184,7 +197,7 @@ class OnnxClassifier:
                 batch = pending.result()
                 if index + 1 < len(chunks):
                     pending = prefetch.submit(self.preprocess, chunks[index + 1])
-                results.append(softmax(self.logits(batch)))
+                results.append(onnx_outputs_to_scores(self.task, self.logits(batch)))
                 if progress is not None:
                     progress(len(chunk))
         return np.concatenate(results)
@@ -195,13 +208,24 @@ class OnnxClassifier:
         """A Prediction per image; below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
         check_threshold(threshold)
         names = self.class_names
+        scores = self.predict_proba(images, batch_size)
+        if self.task == "regression":
+            return [Prediction("", float("nan"), "", row, values=row) for row in scores]
+        if self.task == "multilabel":
+            sets = label_sets(scores, names, self.thresholds or [0.5] * len(names))
+            return [Prediction(";".join(s), float(row.max()), names[int(np.argmax(row))], row, labels=frozenset(s))
+                    for s, row in zip(sets, scores)]
         predictions = []
-        for probs in self.predict_proba(images, batch_size):
+        for probs in scores:
             best = int(np.argmax(probs))
             score = float(probs[best])
             label = UNCERTAIN if threshold is not None and score < threshold else names[best]
             predictions.append(Prediction(label, score, names[best], probs))
         return predictions
+
+    def prediction_table(self, paths: Sequence[Path | str], scores: np.ndarray, top_k: int = 3) -> tuple[list[str], list[list[str]]]:
+        """CSV header and rows for `scores` of `paths`, as `vision-ft predict` writes them."""
+        return prediction_table(self.task, paths, scores, self.class_names, top_k, self.thresholds)
 
     def predict_one(self, image: ImageSource, threshold: float | None = None) -> Prediction:
         """`predict` for a single path, array or Pillow image."""

@@ -32,21 +32,24 @@ from vision_ft.config import Config, save_config
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
-from vision_ft.data.discover import Sample, discover
-from vision_ft.data.loaders import build_loader, class_counts
+from vision_ft.data.discover import Sample
+from vision_ft.data.loaders import build_loader
 from vision_ft.data.pixel_policy import policy_from_config
-from vision_ft.data.split import load_split, make_splits, save_split
+from vision_ft.data.split import load_split, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.errors import VisionFTError
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
-from vision_ft.metrics import compute_metrics, format_summary
+from vision_ft.metrics import format_summary
 from vision_ft.models.create import check_model_name
-from vision_ft.plots import plot_confusion_matrix, plot_training_curves
+from vision_ft.plots import plot_training_curves
 from vision_ft.report import write_report
 from vision_ft.run_folder import RunFolder, create_run_folder, open_run_folder
 from vision_ft.run_model import build_model, normalisation
 from vision_ft.schedule import apply_learning_rates
+from vision_ft.tasks import build_task
+from vision_ft.tasks.base import Task
+from vision_ft.tasks.classification import evaluate_probs  # noqa: F401 - re-exported for callers of train.evaluate_probs
 
 log = logging.getLogger("vision_ft")
 
@@ -98,12 +101,13 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
     """Discover the data, make the split and scan for unreadable images (before any folder is written)."""
     if not config.data.path:
         raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
-    index = discover(Path(config.data.path))
+    task = build_task(config)
+    index = task.discover(Path(config.data.path))
     for path, reason in index.skipped[:5]:
         log.warning("skipping %s: %s", path, reason)
     if len(index.skipped) > 5:
         log.warning("… and %d more non-image files skipped", len(index.skipped) - 5)
-    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
+    splits = task.split(index)
     every_path = [s.path for part in splits.values() for s in part]
     bad = find_bad_images(every_path, workers=max(1, config.data.workers), pixels=policy_from_config(config.data))
     if bad:
@@ -120,14 +124,6 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
     return index.class_names, splits, index
 
 
-def _describe_split(class_names: list[str], splits: dict[str, list[Sample]]) -> str:
-    parts = []
-    for name, samples in splits.items():
-        counts = class_counts(samples, len(class_names))
-        parts.append(f"{name} {len(samples)} ({', '.join(f'{c}:{n}' for c, n in zip(class_names, counts))})")
-    return "; ".join(parts)
-
-
 # ---------------------------------------------------------------- evaluation
 
 
@@ -137,27 +133,18 @@ def predict_loader(
     loader: Any,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    task: Task | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels for every batch of `loader`."""
+    """Scores (the task's: softmax probabilities for classification) and targets for every batch of `loader`."""
     model.eval()
     all_probs, all_labels = [], []
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for images, labels in loader:
         with autocast:
             logits = model(images.to(device, non_blocking=True))
-        all_probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        all_probs.append(task.scores(logits) if task is not None else torch.softmax(logits.float(), dim=1).cpu().numpy())
         all_labels.append(labels)
-    return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
-
-
-def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
-    """Metrics plus the mean cross-entropy, from predicted probabilities."""
-    metrics = compute_metrics(labels, probs, class_names)
-    logp = np.log(np.clip(probs, 1e-12, 1.0))
-    nll = -logp[np.arange(len(labels)), labels]
-    smooth = -logp.mean(axis=1)
-    metrics["loss"] = float(((1 - label_smoothing) * nll + label_smoothing * smooth).mean())
-    return metrics
+    return np.concatenate(all_probs), torch.cat(all_labels).numpy()
 
 
 # ---------------------------------------------------------------- the loop
@@ -223,7 +210,8 @@ def _train_one_epoch(
         step += 1
         total_loss += loss.item() * len(labels)
         seen += len(labels)
-        correct += int((logits.detach().argmax(1) == labels).sum())
+        if labels.ndim == 1:  # classification; multi-label and regression targets are vectors
+            correct += int((logits.detach().argmax(1) == labels).sum())
         # Running training accuracy: augmented images, weights changing within the epoch.
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -252,12 +240,12 @@ def _save_checkpoint(folder: Path, model: nn.Module, state: dict[str, Any], stra
     save_checkpoint(folder, model, state, optimizer)
 
 
-def _is_better(score: float | None, best: float | None, metric: str) -> bool:
+def _is_better(score: float | None, best: float | None, lower_is_better: bool) -> bool:
     if score is None or (isinstance(score, float) and math.isnan(score)):
         return False
     if best is None:
         return True
-    return score < best if metric == "loss" else score > best
+    return score < best if lower_is_better else score > best
 
 
 def train(
@@ -322,7 +310,9 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
     seed_everything(config.train.seed + context.rank)
     keep_freed_memory(context.device)  # activations are re-allocated every step: keep them off the page-fault path
     log.info("run folder %s", run.root)
-    log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
+    task = build_task(config, class_names)
+    task.fit(splits["train"])
+    log.info("data %s: %s", config.data.path, task.describe_split(splits))
 
     weights = "none" if resume else None  # resume takes every weight from the checkpoint
     model = build_model(config, len(class_names), weights=weights)
@@ -350,12 +340,10 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
                                 seed=config.train.seed)
     eval_loaders = {name: build_loader(ds, batch, train=False, workers=data_cfg.workers) for name, ds in eval_sets.items()}
 
-    weight = None
-    if data_cfg.balance == "loss_weights":
-        counts = torch.tensor(class_counts(splits["train"], len(class_names)), dtype=torch.float32)
-        weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(context.device)
+    loss_fn = task.loss(splits["train"], context.device)
+    weight = getattr(loss_fn, "weight", None)
+    if weight is not None:
         log.info("class weights %s", [round(w, 3) for w in weight.tolist()])
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.train.label_smoothing)
 
     amp_dtype, use_scaler = autocast_settings(config.train.amp, context.device)
     scaler = torch.amp.GradScaler(context.device.type) if use_scaler else None
@@ -383,9 +371,10 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
                 f"--set train.epochs=N with N > {state['epoch']} together with --resume"
             )
         log.info("resuming after epoch %d (best val %s %.4f at epoch %d)", state["epoch"],
-                 config.train.early_stopping.metric, state["best_score"] or float("nan"), state["best_epoch"])
+                 task.early_stopping_metric, state["best_score"] or float("nan"), state["best_epoch"])
 
-    metric = config.train.early_stopping.metric
+    metric = task.early_stopping_metric
+    lower_is_better = task.lower_is_better(metric)
     ddp_model = _wrap(model, context)
     stopped_early = False
     for epoch in range(state["epoch"] + 1, config.train.epochs + 1):
@@ -404,17 +393,18 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
         if context.is_main:
             row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             if "val" in eval_loaders:
-                probs, labels = predict_loader(model, eval_loaders["val"], context.device, amp_dtype)
-                val = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
-                row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")})
-                score = val["loss" if metric == "loss" else metric]
-            else:
-                score = -train_loss if metric != "loss" else train_loss  # no val split: watch the training loss
+                scores, targets = predict_loader(model, eval_loaders["val"], context.device, amp_dtype, task)
+                task.calibrate(scores, targets)
+                val = task.evaluate(scores, targets)
+                row.update({f"val_{k}": val[k] for k in task.summary_keys()})
+                score = val[metric]
+            else:  # no val split: watch the training loss
+                score = train_loss if lower_is_better else -train_loss
             row["seconds"] = round(time.time() - started, 1)
             state["history"].append(row)
             with run.metrics_log.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            improved = _is_better(score, state["best_score"], metric)
+            improved = _is_better(score, state["best_score"], lower_is_better)
             if improved:
                 state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
             else:
@@ -436,31 +426,36 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
 
     metrics: dict[str, Any] = {}
     if context.is_main:
-        metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config)
+        metrics = _final_evaluation(run, model, eval_loaders, task, context, amp_dtype, state, config)
     distributed.barrier(context)
     return TrainResult(run.root, metrics, state["best_epoch"], state["epoch"], stopped_early)
 
 
-def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, Any], class_names: list[str],
+def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, Any], task: Task,
                       context: distributed.Context, amp_dtype: torch.dtype | None, state: dict[str, Any],
                       config: Config) -> dict[str, Any]:
-    """Evaluate the best checkpoint on val and test, write metrics.json, plots and the report."""
+    """Evaluate the best checkpoint on val and test, write metrics.json, plots and the report.
+
+    What the task chooses on val (multi-label thresholds) is chosen first and applied to test.
+    """
     load_model_weights(run.best, model)
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
-    for name, loader in eval_loaders.items():
-        probs, labels = predict_loader(model, loader, context.device, amp_dtype)
-        metrics[name] = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
-        plot_confusion_matrix(metrics[name]["confusion_matrix"], class_names, run.plots / f"confusion_{name}.png",
-                              f"{name} split, best checkpoint (epoch {state['best_epoch']})")
+    predictions = {name: predict_loader(model, loader, context.device, amp_dtype, task) for name, loader in eval_loaders.items()}
+    if "val" in predictions:
+        task.calibrate(*predictions["val"])
+    task.save(run.root)
+    for name, (scores, targets) in predictions.items():
+        metrics[name] = task.evaluate(scores, targets)
+        task.plot(name, scores, targets, metrics[name], run.plots, f"{name} split, best checkpoint (epoch {state['best_epoch']})")
         log.info("%s (best checkpoint, epoch %d): %s", name, state["best_epoch"], format_summary(metrics[name]))
     metrics["best_epoch"] = state["best_epoch"]
     run.metrics.write_text(json.dumps(metrics, indent=1))
     if state["history"]:
-        plot_training_curves(state["history"], run.plots / "training_curves.png", config.train.early_stopping.metric)
+        plot_training_curves(state["history"], run.plots / "training_curves.png", task.early_stopping_metric)
     if config.export.onnx:
         _export_onnx(run)
-    write_report(run, config, class_names, metrics, state)
+    write_report(run, config, task.names, metrics, state, task)
     return metrics
 
 

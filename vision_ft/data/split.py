@@ -126,6 +126,12 @@ def split_fingerprint(splits: dict[str, list[Sample]]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
+def _entry(sample: Sample, root: Path) -> list:
+    """[path, label] or, for multi-label and regression samples, [path, stratum, [target...]]."""
+    entry: list = [_relative(sample.path, root), sample.label]
+    return entry if sample.target is None else [*entry, list(sample.target)]
+
+
 def save_split(path: Path, splits: dict[str, list[Sample]], index: DatasetIndex, seed: int) -> None:
     """Write the split as JSON (paths relative to the data root); see the module docstring."""
     root = Path(index.root)
@@ -136,7 +142,7 @@ def save_split(path: Path, splits: dict[str, list[Sample]], index: DatasetIndex,
         "class_names": list(index.class_names),
         "fingerprint": split_fingerprint(splits),
         "splits": {
-            name: [[_relative(s.path, root), s.label] for s in splits.get(name, [])] for name in SPLIT_NAMES
+            name: [_entry(s, root) for s in splits.get(name, [])] for name in SPLIT_NAMES
         },
     }
     path = Path(path)
@@ -162,11 +168,14 @@ def load_split(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
         for name in SPLIT_NAMES:
             entries = document["splits"].get(name, [])
             samples = []
-            for rel, label in entries:
+            for rel, label, *target in entries:
                 label = int(label)
-                if not 0 <= label < len(class_names):
+                if not target and not 0 <= label < len(class_names):
                     raise ValueError(f"label {label} of {rel} is outside 0..{len(class_names) - 1}")
-                samples.append(Sample(Path(os.path.normpath(root / rel)), label))
+                values = tuple(float(v) for v in target[0]) if target else None
+                if values is not None and len(values) != len(class_names):
+                    raise ValueError(f"{rel} has {len(values)} target values for {len(class_names)} outputs")
+                samples.append(Sample(Path(os.path.normpath(root / rel)), label, values))
             splits[name] = samples
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise VisionFTError(f"split file {path} is malformed ({exc}); restore it or start the run again") from None
