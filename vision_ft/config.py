@@ -9,6 +9,7 @@ the key, what is allowed, and a close match when there is one.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,21 +207,44 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Python keyword overrides as dotted keys: {"train": {"epochs": 3}} -> {"train.epochs": 3}.
+
+    Dotted names pass through ({"train.epochs": 3}); both forms may be mixed.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_settings(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def build_config(
     yaml_path: Path | None = None,
     overrides: list[str] | None = None,
+    settings: Mapping[str, Any] | None = None,
     **flags: Any,
 ) -> Config:
     """Resolve a Config from defaults, a YAML recipe, dotted overrides and CLI flags.
 
-    `flags` take dotted keys with underscores for dots, e.g. `data_path="defects/"`;
-    a None value means "flag not given".
+    `overrides` are `--set` texts ("train.epochs=6", the value read as YAML); `settings` are the
+    same overrides with Python values ({"train.epochs": 6} or {"train": {"epochs": 6}}), applied
+    after them through the same path. `flags` take dotted keys with underscores for dots, e.g.
+    `data_path="defects/"`; a None value means "flag not given".
     """
     tree: dict[str, Any] = read_yaml(yaml_path) if yaml_path else {}
     origin = str(yaml_path) if yaml_path else "config"
     for text in overrides or []:
         parts, value = parse_override(text)
         _set_nested(tree, parts, value, text)
+    for name, value in flatten_settings(settings or {}).items():
+        parts = [p for p in name.split(".") if p]
+        if not parts:
+            raise VisionFTError(f"override '{name}={value!r}' has an empty key; use e.g. train.epochs=6")
+        _set_nested(tree, parts, value, f"{name}={value!r}")
     for name, value in flags.items():
         if value is not None:
             section, key = name.split("_", 1)
