@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vision_ft.errors import VisionFTError
 
@@ -53,6 +53,10 @@ class DataConfig(_Strict):
     # How to counter class imbalance: weight the loss by inverse class frequency, or draw
     # batches with a class-balanced sampler.
     balance: Literal["none", "loss_weights", "sampler"] = "none"
+    # A CSV column or a regex with (?P<group>...) over the relative path: images of one group
+    # (patient) never share a split; see vision_ft.data.groups.
+    group_by: str | None = None
+    allow_group_leak: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("mean", "std")
@@ -124,12 +128,51 @@ class ExportConfig(_Strict):
     onnx: bool = True
 
 
+class CalibrationConfig(_Strict):
+    # auto: fit a temperature on the validation logits, keep it unless it raises validation NLL.
+    temperature: Literal["auto", "none"] | float = "auto"
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, value: str | float) -> str | float:
+        if isinstance(value, float) and not value > 0:
+            raise ValueError("a temperature must be positive (or auto, or none)")
+        return value
+
+
+class EvalConfig(_Strict):
+    # Binary tasks: the class that counts as positive (sensitivity = its recall).
+    positive_class: str | None = None
+    target_sensitivity: float | None = Field(None, gt=0, le=1)
+    target_specificity: float | None = Field(None, gt=0, le=1)
+    # Multi-class: {class: recall} thresholds chosen on validation; images below them are uncertain.
+    target_recall: dict[str, float] | None = None
+    bootstrap_resamples: int = Field(2000, ge=0)  # 0: no confidence intervals
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+    @field_validator("target_recall")
+    @classmethod
+    def _recalls(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for name, recall in (value or {}).items():
+            if not 0 < recall <= 1:
+                raise ValueError(f"recall {recall} for {name!r} must be in (0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "EvalConfig":
+        if self.target_sensitivity is not None and self.target_specificity is not None:
+            raise ValueError("set eval.target_sensitivity or eval.target_specificity, not both")
+        return self
+
+
 class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 def _allowed_keys(model_cls: type[BaseModel]) -> list[str]:

@@ -35,6 +35,7 @@ from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
+from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
@@ -100,11 +101,17 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
     if not config.data.path:
         raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
     index = discover(Path(config.data.path))
+    if config.data.group_by:
+        index.groups = assign_groups(index, config.data.group_by, config.data.path)
     for path, reason in index.skipped[:5]:
         log.warning("skipping %s: %s", path, reason)
     if len(index.skipped) > 5:
         log.warning("… and %d more non-image files skipped", len(index.skipped) - 5)
-    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
+    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed,
+                         config.data.allow_group_leak)
+    if index.groups:
+        log.info("grouped by %s: %d groups; class proportions %s", config.data.group_by, len(set(index.groups.values())),
+                 class_proportions(splits, index.class_names))
     every_path = [s.path for part in splits.values() for s in part]
     bad = find_bad_images(every_path, workers=max(1, config.data.workers))
     if bad:
