@@ -206,22 +206,8 @@ class OnnxClassifier:
         self, images: Sequence[ImageSource], threshold: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> list[Prediction]:
         """A Prediction per image; below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
-        check_threshold(threshold)
-        names = self.class_names
-        scores = self.predict_proba(images, batch_size)
-        if self.task == "regression":
-            return [Prediction("", float("nan"), "", row, values=row) for row in scores]
-        if self.task == "multilabel":
-            sets = label_sets(scores, names, self.thresholds or [0.5] * len(names))
-            return [Prediction(";".join(s), float(row.max()), names[int(np.argmax(row))], row, labels=frozenset(s))
-                    for s, row in zip(sets, scores)]
-        predictions = []
-        for probs in scores:
-            best = int(np.argmax(probs))
-            score = float(probs[best])
-            label = UNCERTAIN if threshold is not None and score < threshold else names[best]
-            predictions.append(Prediction(label, score, names[best], probs))
-        return predictions
+        return predictions_from_scores(self.predict_proba(images, batch_size), self.class_names, self.task,
+                                       self.thresholds, threshold)
 
     def prediction_table(self, paths: Sequence[Path | str], scores: np.ndarray, top_k: int = 3) -> tuple[list[str], list[list[str]]]:
         """CSV header and rows for `scores` of `paths`, as `vision-ft predict` writes them."""
@@ -252,6 +238,26 @@ def load_model(
     session = open_session(path, threads, providers)
     metadata = ModelMetadata.from_properties(session.get_modelmeta().custom_metadata_map, str(path))
     return OnnxClassifier(session, metadata, str(path), decode_workers)
+
+
+def predictions_from_scores(scores: np.ndarray, names: Sequence[str], task: str = "classification",
+                            thresholds: Sequence[float] | None = None, threshold: float | None = None) -> list[Prediction]:
+    """A Prediction per row of `scores` (see `Prediction`); the torch `Run.predict` uses it too."""
+    check_threshold(threshold)
+    names = list(names)
+    if task == "regression":
+        return [Prediction("", float("nan"), "", row, values=row) for row in scores]
+    if task == "multilabel":
+        sets = label_sets(scores, names, thresholds if thresholds is not None else [0.5] * len(names))
+        return [Prediction(";".join(s), float(row.max()), names[int(np.argmax(row))], row, labels=frozenset(s))
+                for s, row in zip(sets, scores)]
+    result = []
+    for probs in scores:
+        best = int(np.argmax(probs))
+        score = float(probs[best])
+        label = UNCERTAIN if threshold is not None and score < threshold else names[best]
+        result.append(Prediction(label, score, names[best], probs))
+    return result
 
 
 def check_threshold(threshold: float | None) -> None:

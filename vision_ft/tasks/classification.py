@@ -52,7 +52,7 @@ class ClassificationTask(Task):
 
     def split(self, index: DatasetIndex) -> dict[str, list[Sample]]:
         data = self.config.data
-        return make_splits(index, data.val_fraction, data.test_fraction, data.split_seed)
+        return make_splits(index, data.val_fraction, data.test_fraction, data.split_seed, data.allow_group_leak)
 
     def describe_split(self, splits: dict[str, list[Sample]]) -> str:
         parts = []
