@@ -178,11 +178,9 @@ def _grey_to_8bit(dataset: Any, pixels: np.ndarray, policy: IntensityPolicy, opt
         grey = range_to_8bit(apply_voi(values, dataset), 0.0, float(2**bits - 1))
     elif options.window == "file" and _file_window(dataset) is not None:
         grey = window_to_8bit(values, *_file_window(dataset))
-    elif policy.kind == "auto" or values.dtype == np.float64:
+    else:
         # Modality values (Hounsfield units, doses) have no fixed range: auto min-max scales them.
         grey = to_8bit(values.astype(np.float64), "minmax" if policy.kind == "auto" else policy)
-    else:
-        grey = to_8bit(values, policy)
     if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         grey = 255 - grey
     return grey
