@@ -50,7 +50,7 @@ def test_users_own_malloc_settings_win():
 
 _WHO_TUNES = """
 import vision_ft.cpu_memory as cpu_memory
-import vision_ft.evaluate, vision_ft.predict, vision_ft.train  # noqa: F401 - the library alone
+import vision_ft.evaluate, vision_ft.predict, vision_ft.run_predict, vision_ft.train  # noqa: F401 - the library alone
 print("library", cpu_memory._applied)
 from vision_ft.cli import main
 main(["--help"])
