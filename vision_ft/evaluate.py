@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.loaders import build_loader
@@ -33,7 +32,6 @@ def evaluate_run(
     checked against what the run was trained on; multi-label thresholds are the run's.
     """
     device = default_device()
-    keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     loaded = load_run(run_dir, checkpoint, device)
     cfg = loaded.config
     task = loaded.task
