@@ -38,12 +38,12 @@ SetOption = Annotated[
 
 def set_options(texts: list[str] | None) -> dict[str, object]:
     """`--set` texts as the dotted keyword overrides of `vision_ft.train` (values read as YAML)."""
-    from vision_ft.config import parse_override
+    from vision_ft.config import _is_section, parse_override
 
     settings: dict[str, object] = {}
     for text in texts or []:
         parts, value = parse_override(text)
-        if len(parts) == 1:
+        if len(parts) == 1 and _is_section(parts[0]):  # top-level values such as `task` are fine
             raise VisionFTError(f"--set {text} names a whole section; set one key, e.g. --set {parts[0]}.KEY=VALUE")
         settings[".".join(parts)] = value
     return settings
