@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vision_ft import distributed
+from vision_ft.callbacks import TrainingCallback, group_learning_rates
 from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_state, save_checkpoint
 from vision_ft.config import Config, save_config
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
@@ -37,13 +38,14 @@ from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts
 from vision_ft.data.split import load_split, load_split_groups, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
-from vision_ft.errors import VisionFTError
+from vision_ft.errors import TrainingDiverged, VisionFTError
 from vision_ft.evaluation.run_evaluation import (
     SplitPredictions,
     check_eval_config,
     evaluate_run_predictions,
     summary_lines,
 )
+from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.metrics import compute_metrics, format_summary
@@ -226,7 +228,7 @@ def _train_one_epoch(
             logits = model(images).float()
             loss = loss_fn(logits, labels)
         if not torch.isfinite(loss):
-            raise VisionFTError(
+            raise TrainingDiverged(
                 f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower train.lr "
                 f"(now {config.train.lr}) or keep train.grad_clip set"
             )
@@ -288,11 +290,16 @@ def train(
     out: Path,
     force: bool = False,
     resume: bool = False,
+    callbacks: Sequence[TrainingCallback] = (),
 ) -> TrainResult:
-    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint."""
+    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint.
+
+    `callbacks` are called on the main process at each epoch's end and after the final
+    evaluation (see `vision_ft.callbacks`).
+    """
     context = distributed.setup()
     try:
-        return _train(config, Path(out), force, resume, context)
+        return _train(config, Path(out), force, resume, context, list(callbacks))
     finally:
         distributed.teardown(context)
 
@@ -325,11 +332,13 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
     return run, class_names, splits
 
 
-def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> TrainResult:
+def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
+           callbacks: list[TrainingCallback]) -> TrainResult:
     _setup_logging(context, None)
     run, class_names, splits = _prepare_run(config, out, force, resume, context)
     try:
-        return _run_training(config, run, class_names, splits, resume, context)
+        callbacks = [*open_experiment_logs(run, config, context.is_main), *callbacks]
+        return _run_training(config, run, class_names, splits, resume, context, callbacks)
     except VisionFTError:
         # A new run that failed before its first checkpoint (weights that do not fit, no network
         # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
@@ -338,13 +347,15 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
             _setup_logging(context, None)  # closes train.log before its folder goes
             shutil.rmtree(run.root, ignore_errors=True)
         raise
+    finally:
+        for callback in callbacks:
+            callback.close()
 
 
 def _run_training(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
-                  resume: bool, context: distributed.Context) -> TrainResult:
+                  resume: bool, context: distributed.Context, callbacks: list[TrainingCallback]) -> TrainResult:
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
-    keep_freed_memory(context.device)  # activations are re-allocated every step: keep them off the page-fault path
     log.info("run folder %s", run.root)
     log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
 
@@ -450,6 +461,8 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
                      format_summary({k[4:]: v for k, v in row.items() if k.startswith("val_")}), row["seconds"],
                      "  *best*" if improved else "")
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, row, group_learning_rates(optimizer.param_groups))
         stop = distributed.broadcast_from_main(context, stop)
         if stop:
             stopped_early = epoch < config.train.epochs
@@ -459,6 +472,8 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
     metrics: dict[str, Any] = {}
     if context.is_main:
         metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config)
+        for callback in callbacks:
+            callback.on_train_end(metrics)
     distributed.barrier(context)
     return TrainResult(run.root, metrics, state["best_epoch"], state["epoch"], stopped_early)
 
