@@ -12,9 +12,9 @@ from vision_ft.data.discover import Sample, discover
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import SplitPredictions, evaluate_test, load_decision_rule
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.run_model import default_device, load_run
-from vision_ft.evaluation.run_evaluation import SplitPredictions, evaluate_test, load_decision_rule
 from vision_ft.train import evaluate_probs, predict_logits
 
 
