@@ -61,6 +61,7 @@ def test_search_records_failures_resumes_after_interrupt_and_reports(tmp_path, m
     assert "diverged" in trials[0].user_attrs["error"] or "loss became" in trials[0].user_attrs["error"]
     assert trials[1].user_attrs["interrupted"] and trials[2].user_attrs["retry_of"] == 1
     assert trials[2].params == trials[1].params
+    assert trials[3].params != trials[2].params  # the resumed search draws new points, not the first call's again
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not t.user_attrs.get("interrupted")]
     assert len(finished) == 3 and result.counts.get("complete", 0) >= 1
     for trial in trials[1:]:
