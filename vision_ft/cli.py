@@ -306,6 +306,9 @@ def _usage_error_line(exc: Exception, argv: list[str]) -> str:
     return f"{message}; see '{command} --help'"
 
 
+_INTERRUPTED = "interrupted; continue a training run with --resume --out RUN, a search by running the same tune command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vision-ft` script; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_usage_error_line(exc, argv if argv is not None else sys.argv[1:])}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
+        typer.echo(_INTERRUPTED, err=True)
         return 130
     except RuntimeError as exc:
         if "Original Traceback" in str(exc) and "VisionFTError" in str(exc):
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     if result == 130:
-        typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
+        typer.echo(_INTERRUPTED, err=True)
     return result if isinstance(result, int) else 0
 
 

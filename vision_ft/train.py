@@ -177,6 +177,9 @@ def predict_loader(
 
 def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
     """Metrics plus the mean cross-entropy, from predicted probabilities."""
+    if not np.isfinite(probs).all():
+        raise TrainingDiverged("the model's outputs are NaN or infinite: its weights diverged; "
+                               "train again with a lower train.lr (or keep train.grad_clip set)")
     metrics = compute_metrics(labels, probs, class_names)
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     nll = -logp[np.arange(len(labels)), labels]
