@@ -6,15 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import SplitPredictions, evaluate_test, load_decision_rule
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.run_model import default_device, load_run
-from vision_ft.train import predict_loader
+from vision_ft.train import predict_logits
 
 
 def evaluate_run(
@@ -53,8 +56,14 @@ def evaluate_run(
                            cfg.data.channels, cfg.data.image_size, pixels=pixels)
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
                           workers=cfg.data.workers if workers is None else workers)
-    scores, targets = predict_loader(loaded.model, loader, device=next(loaded.model.parameters()).device, task=task)
-    metrics = task.evaluate(scores, targets)
+    logits, targets = predict_logits(loaded.model, loader, device=next(loaded.model.parameters()).device)
+    if task.kind == "classification":
+        rule = load_decision_rule(run_dir, loaded.class_names)  # the run's temperature and thresholds
+        metrics = task.evaluate(rule.probabilities(logits), targets)
+        predictions = SplitPredictions(logits, targets, [str(s.path) for s in samples])
+        metrics.update(evaluate_test(rule, predictions, loaded.class_names, cfg.eval, seed=cfg.train.seed))
+    else:
+        metrics = task.evaluate(task.scores(torch.from_numpy(logits)), targets)
     metrics["data"] = str(data)
     metrics["skipped_unreadable"] = len(bad)
     return metrics

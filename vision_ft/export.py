@@ -40,6 +40,7 @@ from vision_ft.data.pixel_policy import PixelPolicy, policy_from_config
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.finetune.lora import lora_modules, merge_lora
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
@@ -173,6 +174,8 @@ def run_metadata(loaded: LoadedRun) -> ModelMetadata:
         task=loaded.task.kind,
         task_info=loaded.task.metadata(),
         output_name=loaded.task.onnx_output_name,
+        decision=(load_decision_rule(loaded.run.root, list(loaded.class_names)).to_json(list(loaded.class_names))
+                  if loaded.task.kind == "classification" else {}),
     )
 
 

@@ -15,7 +15,9 @@ from vision_ft.data.discover import IMAGE_SUFFIXES, Sample, is_image_file
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
+from vision_ft.decision import DecisionRule
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.run_model import default_device, load_run
 from vision_ft.tasks.postprocess import prediction_table
 
@@ -41,9 +43,19 @@ def prediction_header(top_k: int) -> list[str]:
     return header
 
 
-def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int) -> list[list[str]]:
-    """Classification rows: path, label, score, top-k labels and scores."""
-    return prediction_table("classification", paths, probs, class_names, top_k)[1]
+def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int,
+                    rule: DecisionRule | None = None, threshold: float | None = None) -> list[list[str]]:
+    """One CSV row per image: label by the decision rule (operating thresholds, `threshold` reject
+    band), score = top-1 probability, then the top-k labels and probabilities."""
+    labels = (rule or DecisionRule()).labels(probs, class_names, reject_below=threshold)
+    rows = []
+    for path, p, label in zip(paths, probs, labels):
+        order = np.argsort(-p)[:top_k]
+        row = [str(path), label, f"{p[order[0]]:.6f}"]
+        for idx in order:
+            row += [class_names[idx], f"{p[idx]:.6f}"]
+        rows.append(row)
+    return rows
 
 
 def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -> None:
@@ -55,9 +67,11 @@ def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -
 
 
 @torch.no_grad()
-def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of predictions of a run's best checkpoint on `path` (columns by task, see
-    `vision_ft.tasks.postprocess.prediction_table`)."""
+def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None,
+                threshold: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of predictions of a run's best checkpoint on `path`: classification with the
+    run's temperature and thresholds (decision.json) applied as the runtime applies them; other
+    tasks' columns as `vision_ft.tasks.postprocess.prediction_table` writes them."""
     device = default_device()
     loaded = load_run(run_dir, device=device)
     cfg = loaded.config
@@ -65,6 +79,10 @@ def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | Non
     dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
                            cfg.data.channels, cfg.data.image_size, pixels=policy_from_config(cfg.data))
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
-    scores = [loaded.task.scores(loaded.model(x.to(device)))
+    logits = [loaded.model(x.to(device)).float().cpu().numpy()
               for x, _ in tqdm(loader, desc="predict", leave=False, disable=not sys.stderr.isatty())]
-    return loaded.task.prediction_table(images, np.concatenate(scores), top_k)
+    if loaded.task.kind != "classification":
+        return loaded.task.prediction_table(images, loaded.task.scores(torch.from_numpy(np.concatenate(logits))), top_k)
+    rule = load_decision_rule(run_dir, loaded.class_names)
+    probs = rule.probabilities(np.concatenate(logits))
+    return prediction_header(top_k), prediction_rows(images, probs, loaded.class_names, top_k, rule, threshold)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample
@@ -16,8 +17,10 @@ from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.predict import collect_images
 from vision_ft.run_model import LoadedRun
-from vision_ft.runtime import Prediction, predictions_from_scores
-from vision_ft.train import predict_loader
+from vision_ft.decision import DecisionRule
+from vision_ft.evaluation.run_evaluation import load_decision_rule
+from vision_ft.runtime import Prediction, check_threshold, predictions_from_scores
+from vision_ft.train import predict_logits
 
 
 def image_sources(images: Any) -> list[Any]:
@@ -43,14 +46,24 @@ def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None
     # Worker processes would pickle in-memory images for nothing; files are decoded in parallel.
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
                           workers=cfg.data.workers if files_only else 0)
-    scores, _ = predict_loader(loaded.model, loader, device, task=loaded.task)
-    return scores
+    logits, _ = predict_logits(loaded.model, loader, device)
+    if loaded.task.kind != "classification":
+        return loaded.task.scores(torch.from_numpy(logits))
+    # The run's temperature (decision.json), through the same numpy function as the ONNX runtime.
+    return load_decision_rule(loaded.run.root, loaded.class_names).probabilities(logits)
 
 
 def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None,
-                task: Any = None) -> list[Prediction]:
-    """A Prediction per row of `probs`; below `threshold` the label is UNCERTAIN (as the ONNX runtime
-    does). With `task` (a run's Task), multi-label rows become label sets and regression rows values."""
-    kind = getattr(task, "kind", "classification")
-    thresholds = task.metadata().get("thresholds") if task is not None else None
-    return predictions_from_scores(probs, class_names, kind, thresholds, threshold)
+                rule: DecisionRule | None = None, task: Any = None) -> list[Prediction]:
+    """A Prediction per row of `probs`, labelled by `rule` (the run's operating thresholds); below
+    `threshold` the label is UNCERTAIN (as the ONNX runtime does). With a multi-label or
+    regression `task`, rows become label sets or values."""
+    if task is not None and task.kind != "classification":
+        return predictions_from_scores(probs, class_names, task.kind, task.metadata().get("thresholds"), threshold)
+    check_threshold(threshold)
+    labels = (rule or DecisionRule()).labels(probs, list(class_names), reject_below=threshold)
+    result = []
+    for row, label in zip(probs, labels):
+        best = int(np.argmax(row))
+        result.append(Prediction(label, float(row[best]), class_names[best], row))
+    return result

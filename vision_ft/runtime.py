@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from vision_ft.data.decode import ImageSource, load_image
 from vision_ft.data.pixel_policy import PixelPolicy
+from vision_ft.decision import DecisionRule
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
 from vision_ft.tasks.postprocess import label_sets, onnx_outputs_to_scores, prediction_table, softmax  # noqa: F401
@@ -111,6 +112,8 @@ class OnnxClassifier:
         self._lut = ((np.arange(256, dtype=np.float64)[:, None] / 255.0 - mean) / std).astype(np.float32)
         self.pixels = PixelPolicy.from_settings(metadata.intensity, metadata.dicom_window, metadata.dicom_frame)
         self._check_signature()
+        # Temperature and thresholds chosen after training; the same numpy code as torch's path.
+        self.rule = DecisionRule.from_json(metadata.decision, list(metadata.class_names))
 
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -197,7 +200,10 @@ class OnnxClassifier:
                 batch = pending.result()
                 if index + 1 < len(chunks):
                     pending = prefetch.submit(self.preprocess, chunks[index + 1])
-                results.append(onnx_outputs_to_scores(self.task, self.logits(batch)))
+                raw = self.logits(batch)
+                # Classification: softmax with the model's temperature; the other tasks' graphs end in their scores.
+                results.append(self.rule.probabilities(raw) if self.task == "classification"
+                               else onnx_outputs_to_scores(self.task, raw))
                 if progress is not None:
                     progress(len(chunk))
         return np.concatenate(results)
@@ -205,12 +211,23 @@ class OnnxClassifier:
     def predict(
         self, images: Sequence[ImageSource], threshold: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> list[Prediction]:
-        """A Prediction per image; below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
-        return predictions_from_scores(self.predict_proba(images, batch_size), self.class_names, self.task,
-                                       self.thresholds, threshold)
+        """A Prediction per image, labelled by the model's decision rule (its operating thresholds, see
+        `vision_ft.decision`); below `threshold` the label is `UNCERTAIN` (for manual inspection).
+        Multi-label models return label sets, regressors values (see `Prediction`)."""
+        check_threshold(threshold)
+        names = self.class_names
+        probabilities = self.predict_proba(images, batch_size)
+        if self.task != "classification":
+            return predictions_from_scores(probabilities, names, self.task, self.thresholds, threshold)
+        labels = self.rule.labels(probabilities, names, reject_below=threshold)
+        predictions = []
+        for probs, label in zip(probabilities, labels):
+            best = int(np.argmax(probs))
+            predictions.append(Prediction(label, float(probs[best]), names[best], probs))
+        return predictions
 
     def prediction_table(self, paths: Sequence[Path | str], scores: np.ndarray, top_k: int = 3) -> tuple[list[str], list[list[str]]]:
-        """CSV header and rows for `scores` of `paths`, as `vision-ft predict` writes them."""
+        """CSV header and rows for `scores` of `paths`, as `vision-ft predict` writes them (multilabel, regression)."""
         return prediction_table(self.task, paths, scores, self.class_names, top_k, self.thresholds)
 
     def predict_one(self, image: ImageSource, threshold: float | None = None) -> Prediction:

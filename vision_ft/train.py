@@ -37,9 +37,15 @@ from vision_ft.data.discover import Sample
 from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.pixel_policy import policy_from_config
-from vision_ft.data.split import load_split, save_split
+from vision_ft.data.split import load_split, load_split_groups, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.errors import TrainingDiverged, VisionFTError
+from vision_ft.evaluation.run_evaluation import (
+    SplitPredictions,
+    check_eval_config,
+    evaluate_run_predictions,
+    summary_lines,
+)
 from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
@@ -139,6 +145,24 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels for every batch of `loader`."""
+    model.eval()
+    all_logits, all_labels = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for images, labels in loader:
+        with autocast:
+            logits = model(images.to(device, non_blocking=True))
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
 def predict_loader(
     model: nn.Module,
     loader: Any,
@@ -147,15 +171,10 @@ def predict_loader(
     task: Task | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores (the task's: softmax probabilities for classification) and targets for every batch of `loader`."""
-    model.eval()
-    all_probs, all_labels = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for images, labels in loader:
-        with autocast:
-            logits = model(images.to(device, non_blocking=True))
-        all_probs.append(task.scores(logits) if task is not None else torch.softmax(logits.float(), dim=1).cpu().numpy())
-        all_labels.append(labels)
-    return np.concatenate(all_probs), torch.cat(all_labels).numpy()
+    logits, labels = predict_logits(model, loader, device, amp_dtype)
+    if task is not None:
+        return task.scores(torch.from_numpy(logits)), labels
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy(), labels
 
 
 # ---------------------------------------------------------------- the loop
@@ -292,6 +311,7 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 validate_augment_spec(config.data.augment.train)
                 class_names, splits, index = _check_data_and_split(config)
                 check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
+                check_eval_config(config.eval, class_names)  # eval.positive_class etc. name real classes
                 run = create_run_folder(out, force=force)
                 save_config(config, run.config)
                 save_split(run.split, splits, index, config.data.split_seed)
@@ -465,7 +485,15 @@ def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, 
     load_model_weights(run.best, model)
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
-    predictions = {name: predict_loader(model, loader, context.device, amp_dtype, task) for name, loader in eval_loaders.items()}
+    outputs: dict[str, SplitPredictions] = {}
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    groups = load_split_groups(run.split)
+    for name, loader in eval_loaders.items():
+        logits, targets = predict_logits(model, loader, context.device, amp_dtype)
+        predictions[name] = (task.scores(torch.from_numpy(logits)), targets)
+        paths = [s.path for s in loader.dataset.samples]
+        outputs[name] = SplitPredictions(logits, targets, [str(p) for p in paths],
+                                         [groups[p] for p in paths] if groups else None)
     if "val" in predictions:
         task.calibrate(*predictions["val"])
     task.save(run.root)
@@ -474,6 +502,10 @@ def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, 
         task.plot(name, scores, targets, metrics[name], run.plots, f"{name} split, best checkpoint (epoch {state['best_epoch']})")
         log.info("%s (best checkpoint, epoch %d): %s", name, state["best_epoch"], format_summary(metrics[name]))
     metrics["best_epoch"] = state["best_epoch"]
+    if task.kind == "classification":  # CIs, calibration and operating points work on class logits
+        metrics.update(evaluate_run_predictions(run.root, config, task.names, outputs))
+        for line in summary_lines(metrics):
+            log.info("%s", line)
     run.metrics.write_text(json.dumps(metrics, indent=1))
     if state["history"]:
         plot_training_curves(state["history"], run.plots / "training_curves.png", task.early_stopping_metric)

@@ -12,7 +12,7 @@ from torch import nn
 from vision_ft.data.discover import DatasetIndex, Sample, discover
 from vision_ft.data.loaders import class_counts
 from vision_ft.data.split import make_splits
-from vision_ft.errors import VisionFTError
+from vision_ft.errors import TrainingDiverged, VisionFTError
 from vision_ft.metrics import compute_metrics
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.tasks.base import LossFn, Task
@@ -20,6 +20,9 @@ from vision_ft.tasks.base import LossFn, Task
 
 def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
     """Metrics plus the mean (label-smoothed) cross-entropy, from predicted probabilities."""
+    if not np.isfinite(probs).all():
+        raise TrainingDiverged("the model's outputs are NaN or infinite: its weights diverged; "
+                               "train again with a lower train.lr (or keep train.grad_clip set)")
     metrics = compute_metrics(labels, probs, class_names)
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     nll = -logp[np.arange(len(labels)), labels]
