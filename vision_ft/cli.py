@@ -116,11 +116,6 @@ def eval_command(
         typer.echo(json.dumps({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")}))
 
 
-def _is_onnx_model(source: Path) -> bool:
-    """A model file (for the runtime) rather than a run folder."""
-    return source.suffix.lower() == ".onnx" or source.is_file()
-
-
 @app.command()
 def predict(
     source: Annotated[Path, typer.Argument(help="Run folder, or a model.onnx written by `vision-ft export`.")],
@@ -132,22 +127,11 @@ def predict(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
 ) -> None:
     """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
-    from vision_ft.predict import collect_images, predict_run, prediction_header, prediction_rows, write_predictions_csv
-    from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
+    from vision_ft.onnx_predict import is_onnx_model, predict_onnx
+    from vision_ft.predict import predict_run, write_predictions_csv
 
-    check_threshold(threshold)
-    if _is_onnx_model(source):
-        from tqdm import tqdm
-
-        model = load_model(source)
-        images = collect_images(path)
-        top_k = max(1, min(top_k, len(model.class_names)))
-        with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
-            probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
-        header, rows = prediction_header(top_k), prediction_rows(images, probs, model.class_names, top_k)
-    else:
-        header, rows = predict_run(source, path, top_k=top_k, batch_size=batch_size)
-    rows = mark_uncertain(rows, threshold)
+    predict_source = predict_onnx if is_onnx_model(source) else predict_run
+    header, rows = predict_source(source, path, top_k=top_k, batch_size=batch_size, threshold=threshold)
     if out:
         write_predictions_csv(out, header, rows)
         typer.echo(f"{len(rows)} predictions written to {out}")

@@ -7,15 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from vision_ft.cpu_memory import keep_freed_memory
-from vision_ft.data.dataset import ImageDataset
-from vision_ft.data.decode import find_bad_images
+from vision_ft.data.bad_images import unreadable_images
 from vision_ft.data.discover import Sample, discover
-from vision_ft.data.loaders import build_loader
-from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.inference import eval_loader, evaluate_outputs, infer
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.run_model import default_device, load_run
-from vision_ft.train import evaluate_probs, predict_loader
 
 
 def _relabel(samples: list[Sample], source_names: list[str], run_names: list[str], data: Path) -> list[Sample]:
@@ -50,19 +47,11 @@ def evaluate_run(
             raise VisionFTError(f"{data} has no '{split}' split folder; drop --split to evaluate every image")
         samples = index.presplit[split]
     samples = _relabel(samples, index.class_names, loaded.class_names, Path(data))
-    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers))
-    if bad and not skip_bad_images:
-        raise VisionFTError(
-            f"{len(bad)} unreadable images in {data}, e.g. {bad[0][0]} ({bad[0][1]}); remove them or pass --skip-bad-images"
-        )
-    bad_paths = {p for p, _ in bad}
-    samples = [s for s in samples if s.path not in bad_paths]
-    dataset = ImageDataset(samples, build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
-    loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
-                          workers=cfg.data.workers if workers is None else workers)
-    probs, labels = predict_loader(loaded.model, loader, device=next(loaded.model.parameters()).device)
-    metrics = evaluate_probs(probs, labels, loaded.class_names, cfg.train.label_smoothing)
+    bad = unreadable_images([s.path for s in samples], cfg.data.workers, skip_bad_images, str(data))
+    samples = [s for s in samples if s.path not in bad]
+    loader = eval_loader(samples, cfg, loaded.mean, loaded.std, batch_size, workers)
+    outputs = infer(loaded.model, loader, progress="eval")
+    metrics = evaluate_outputs(outputs, loaded.class_names, cfg.train.label_smoothing)
     metrics["data"] = str(data)
     metrics["skipped_unreadable"] = len(bad)
     return metrics

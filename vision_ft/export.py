@@ -1,6 +1,7 @@
 """`vision-ft export RUN`: a verified, self-describing ONNX model of a trained run.
 
-Steps: rebuild the run's model (best checkpoint), merge LoRA adapters into their layers, export
+Steps (`export_model`, for a model in memory; `export_run` first rebuilds a run's best
+checkpoint): copy the model, merge LoRA adapters into their layers, export
 in eval mode with a dynamic batch axis, attach the metadata of `vision_ft.onnx_metadata`, run
 `onnx.checker`, then verify onnxruntime against torch on the run's validation images. The file
 only appears under its final name after every step passed.
@@ -19,6 +20,7 @@ onnxruntime reads opset 20 since 1.17 (vision-ft requires 1.18). The exporter ne
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 import vision_ft
+from vision_ft.config import Config
 from vision_ft.data.decode import load_image
 from vision_ft.data.discover import Sample
 from vision_ft.data.split import load_split, split_fingerprint
@@ -41,7 +44,7 @@ from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
-from vision_ft.run_model import LoadedRun, load_run
+from vision_ft.run_model import load_run
 from vision_ft.runtime import OnnxClassifier, open_session
 
 OPSET = 20
@@ -153,34 +156,32 @@ def save_checked(proto: onnx.ModelProto, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def run_metadata(loaded: LoadedRun) -> ModelMetadata:
-    """The metadata describing a loaded run's model and preprocessing."""
-    cfg = loaded.config
-    _, splits = load_split(loaded.run.split)
+def model_metadata(config: Config, class_names: list[str], mean: list[float], std: list[float],
+                   splits: dict[str, list[Sample]]) -> ModelMetadata:
+    """The metadata describing a model of `config` and its preprocessing."""
     return ModelMetadata(
-        class_names=list(loaded.class_names),
-        input_size=[cfg.data.image_size, cfg.data.image_size],
-        channels=cfg.data.channels,
-        mean=[float(v) for v in loaded.mean],
-        std=[float(v) for v in loaded.std],
-        backbone=cfg.model.name,
+        class_names=list(class_names),
+        input_size=[config.data.image_size, config.data.image_size],
+        channels=config.data.channels,
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
+        backbone=config.model.name,
         vision_ft_version=vision_ft.__version__,
         split_fingerprint=split_fingerprint(splits),
-        finetune_strategy=cfg.finetune.strategy,
+        finetune_strategy=config.finetune.strategy,
     )
 
 
-def verification_images(split_file: Path, count: int = VERIFY_IMAGES) -> tuple[str, list[Path]]:
+def verification_images(splits: dict[str, list[Sample]], count: int = VERIFY_IMAGES) -> tuple[str, list[Path]]:
     """(split name, up to `count` images) of the run's validation split (test, then train, when it
     is empty), taken round-robin over classes so every class is represented."""
-    _, splits = load_split(split_file)
     name = next((n for n in ("val", "test", "train") if splits.get(n)), "val")
     samples = splits.get(name, [])
     existing = [s for s in samples if s.path.is_file()]
     if not existing:
-        where = samples[0].path.parent.parent if samples else split_file
+        where = f"under {samples[0].path.parent.parent}" if samples else "listed in the run's split.json"
         raise VisionFTError(
-            f"cannot verify the export: the run's images (e.g. under {where}) are missing; restore the data folder "
+            f"cannot verify the export: the run's images ({where}) are missing; restore the data folder "
             "the run was trained on"
         )
     by_class: dict[int, list[Sample]] = {}
@@ -235,32 +236,37 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
-def export_run(
-    run_dir: Path,
-    out: Path | None = None,
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A CPU float32 copy of `model` in eval mode with LoRA merged and nothing requiring grad;
+    the caller's model (perhaps still training, perhaps on a GPU) is left as it was."""
+    model = merge_adapters(copy.deepcopy(model).cpu()).float().eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def export_model(
+    model: nn.Module,
+    metadata: ModelMetadata,
+    splits: dict[str, list[Sample]],
+    out: Path,
     force: bool = False,
     tolerance: float = TOLERANCE,
     verify_count: int = VERIFY_IMAGES,
     opset: int = OPSET,
     echo: Callable[[str], None] = log.info,
 ) -> ExportResult:
-    """Export a run's best checkpoint to a verified ONNX file (default RUN/model.onnx).
+    """Export `model` (left unchanged) to a verified ONNX file `out`, checked on images of `splits`.
 
     Raises:
-        VisionFTError: the destination exists without `force`, the exporter fails, onnx.checker
-        fails, or onnxruntime and torch differ by more than `tolerance`. No file is left at
-        `out` in any of those cases.
+        VisionFTError: `out` exists without `force`, the exporter fails, onnx.checker fails, or
+        onnxruntime and torch differ by more than `tolerance`. No file is left at `out` in any
+        of those cases.
     """
     started = time.perf_counter()
-    out = Path(out) if out is not None else open_run_folder(run_dir).onnx
-    _check_destination(out, force)  # before the slow model load, so a refusal is immediate
-    loaded = load_run(run_dir)
-    split_name, images = verification_images(loaded.run.split, verify_count)
-    model = merge_adapters(loaded.model).float().eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    metadata = run_metadata(loaded)
-
+    _check_destination(out, force)
+    split_name, images = verification_images(splits, verify_count)
+    model = frozen_copy(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     try:
@@ -282,3 +288,27 @@ def export_run(
     finally:
         partial.unlink(missing_ok=True)
     return ExportResult(out, check, metadata, time.perf_counter() - started)
+
+
+def export_run(
+    run_dir: Path,
+    out: Path | None = None,
+    force: bool = False,
+    tolerance: float = TOLERANCE,
+    verify_count: int = VERIFY_IMAGES,
+    opset: int = OPSET,
+    echo: Callable[[str], None] = log.info,
+) -> ExportResult:
+    """Export a run's best checkpoint to a verified ONNX file (default RUN/model.onnx).
+
+    Raises:
+        VisionFTError: as `export_model`.
+    """
+    started = time.perf_counter()
+    out = Path(out) if out is not None else open_run_folder(run_dir).onnx
+    _check_destination(out, force)  # before the slow model load, so a refusal is immediate
+    loaded = load_run(run_dir)
+    _, splits = load_split(loaded.run.split)
+    metadata = model_metadata(loaded.config, loaded.class_names, loaded.mean, loaded.std, splits)
+    result = export_model(loaded.model, metadata, splits, out, force, tolerance, verify_count, opset, echo)
+    return replace(result, seconds=time.perf_counter() - started)

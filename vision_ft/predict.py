@@ -1,22 +1,21 @@
-"""`vision-ft predict RUN PATH`: label images with a trained run, CSV out."""
+"""`vision-ft predict RUN PATH`: label images with a trained run, CSV out.
+
+The CSV columns and rows are shared with predictions of an exported model (`onnx_predict.py`).
+"""
 
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from vision_ft.cpu_memory import keep_freed_memory
-from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import IMAGE_SUFFIXES, Sample
-from vision_ft.data.loaders import build_loader
-from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.inference import eval_loader, infer
 from vision_ft.run_model import default_device, load_run
+from vision_ft.runtime import check_threshold, mark_uncertain
 
 
 def collect_images(path: Path) -> list[Path]:
@@ -40,11 +39,14 @@ def prediction_header(top_k: int) -> list[str]:
     return header
 
 
-def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int) -> list[list[str]]:
+def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int,
+                    threshold: float | None = None) -> list[list[str]]:
+    """One CSV row per image: path, label (UNCERTAIN below `threshold`), its score, the top-k ranking."""
+    labels = mark_uncertain(probs, class_names, threshold)
     rows = []
-    for path, p in zip(paths, probs):
+    for path, p, label in zip(paths, probs, labels):
         order = np.argsort(-p)[:top_k]
-        row = [str(path), class_names[order[0]], f"{p[order[0]]:.6f}"]
+        row = [str(path), label, f"{p[order[0]]:.6f}"]
         for idx in order:
             row += [class_names[idx], f"{p[idx]:.6f}"]
         rows.append(row)
@@ -59,18 +61,15 @@ def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -
         writer.writerows(rows)
 
 
-@torch.no_grad()
-def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None) -> tuple[list[str], list[list[str]]]:
+def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None,
+                threshold: float | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of predictions of a run's best checkpoint on `path`."""
+    check_threshold(threshold)
     device = default_device()
     keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     loaded = load_run(run_dir, device=device)
-    cfg = loaded.config
     images = collect_images(path)
     top_k = max(1, min(top_k, len(loaded.class_names)))
-    dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
-    loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
-    probs = [torch.softmax(loaded.model(x.to(device)), dim=1).cpu().numpy()
-             for x, _ in tqdm(loader, desc="predict", leave=False, disable=not sys.stderr.isatty())]
-    return prediction_header(top_k), prediction_rows(images, np.concatenate(probs), loaded.class_names, top_k)
+    loader = eval_loader([Sample(p, 0) for p in images], loaded.config, loaded.mean, loaded.std, batch_size)
+    probs = infer(loaded.model, loader, progress="predict").probabilities
+    return prediction_header(top_k), prediction_rows(images, probs, loaded.class_names, top_k, threshold)

@@ -62,7 +62,8 @@ def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = 
     class_names, _ = load_split(run.split)
     # The checkpoint holds every weight, so no pretrained download is needed here.
     model = build_model(config, len(class_names), weights="none")
-    build_strategy(config.finetune).prepare(model)  # gives LoRA runs their adapter modules
+    # Only the architecture: LoRA runs get their adapter modules. What would train is training's business.
+    build_strategy(config.finetune).adapt(model)
     load_model_weights(run.best if checkpoint == "best" else run.last, model)
     model.eval().to(device)
     mean, std = normalisation(config, model)

@@ -191,14 +191,12 @@ class OnnxClassifier:
         self, images: Sequence[ImageSource], threshold: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> list[Prediction]:
         """A Prediction per image; below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
-        check_threshold(threshold)
-        names = self.class_names
+        probabilities = self.predict_proba(images, batch_size)
+        labels = mark_uncertain(probabilities, self.class_names, threshold)
         predictions = []
-        for probs in self.predict_proba(images, batch_size):
+        for probs, label in zip(probabilities, labels):
             best = int(np.argmax(probs))
-            score = float(probs[best])
-            label = UNCERTAIN if threshold is not None and score < threshold else names[best]
-            predictions.append(Prediction(label, score, names[best], probs))
+            predictions.append(Prediction(label, float(probs[best]), self.class_names[best], probs))
         return predictions
 
     def predict_one(self, image: ImageSource, threshold: float | None = None) -> Prediction:
@@ -234,10 +232,11 @@ def check_threshold(threshold: float | None) -> None:
         raise VisionFTError(f"threshold {threshold} is not a probability; use a value in (0, 1], e.g. 0.8")
 
 
-def mark_uncertain(rows: list[list[str]], threshold: float | None) -> list[list[str]]:
-    """Prediction CSV rows (path, label, score, top-k...) with `label` set to UNCERTAIN where the
-    top-1 `score` is below `threshold`; the top-k columns keep the model's ranking."""
+def mark_uncertain(probs: np.ndarray, class_names: Sequence[str], threshold: float | None) -> list[str]:
+    """The most likely class name for each row of `probs` (N x classes), or UNCERTAIN where its
+    probability is below `threshold` (None: never)."""
     check_threshold(threshold)
-    if threshold is None:
-        return rows
-    return [[row[0], UNCERTAIN, *row[2:]] if float(row[2]) < threshold else row for row in rows]
+    best = np.asarray(probs).argmax(axis=1)
+    scores = np.asarray(probs)[np.arange(len(best)), best]
+    return [UNCERTAIN if threshold is not None and score < threshold else class_names[index]
+            for index, score in zip(best, scores)]

@@ -3,6 +3,12 @@
 `train(config, out)` validates the data, writes the run folder (resolved config, split,
 metrics log, checkpoints, plots, report), trains with early stopping, then evaluates the best
 checkpoint on the test split. Only rank 0 writes files.
+
+Reading order: `_run_training` is the whole loop in twenty lines. `build_loop` gathers what every
+epoch needs into a `TrainingLoop`; `run_epoch` trains one epoch (`_train_one_epoch`) and hands
+rank 0 to `end_epoch` (validation, metrics row, checkpoints, early stopping) which updates the
+`TrainingState` saved in every checkpoint; `final_evaluation` evaluates the best checkpoint and
+exports the model already in memory to ONNX.
 """
 
 from __future__ import annotations
@@ -10,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import shutil
 import sys
@@ -30,8 +35,8 @@ from vision_ft import distributed
 from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_state, save_checkpoint
 from vision_ft.config import Config, save_config
 from vision_ft.cpu_memory import keep_freed_memory
+from vision_ft.data.bad_images import unreadable_images
 from vision_ft.data.dataset import ImageDataset
-from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
 from vision_ft.data.loaders import build_loader, class_counts
 from vision_ft.data.split import load_split, make_splits, save_split
@@ -39,13 +44,15 @@ from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.errors import VisionFTError
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
-from vision_ft.metrics import compute_metrics, format_summary
+from vision_ft.inference import eval_loader, evaluate_outputs, infer
+from vision_ft.metrics import format_summary
 from vision_ft.models.create import check_model_name
 from vision_ft.plots import plot_confusion_matrix, plot_training_curves
 from vision_ft.report import write_report
 from vision_ft.run_folder import RunFolder, create_run_folder, open_run_folder
 from vision_ft.run_model import build_model, normalisation
 from vision_ft.schedule import apply_learning_rates
+from vision_ft.training_state import TrainingState
 
 log = logging.getLogger("vision_ft")
 
@@ -104,18 +111,9 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
         log.warning("… and %d more non-image files skipped", len(index.skipped) - 5)
     splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
     every_path = [s.path for part in splits.values() for s in part]
-    bad = find_bad_images(every_path, workers=max(1, config.data.workers))
+    bad = unreadable_images(every_path, config.data.workers, config.data.skip_bad_images, config.data.path)
     if bad:
-        listed = ", ".join(f"{p} ({why})" for p, why in bad[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        if not config.data.skip_bad_images:
-            raise VisionFTError(
-                f"{len(bad)} unreadable image{'s' if len(bad) > 1 else ''}: {listed}{more}; "
-                "remove or fix them, or pass --skip-bad-images to leave them out"
-            )
-        log.warning("leaving out %d unreadable images: %s%s", len(bad), listed, more)
-        bad_paths = {p for p, _ in bad}
-        splits = {name: [s for s in part if s.path not in bad_paths] for name, part in splits.items()}
+        splits = {name: [s for s in part if s.path not in bad] for name, part in splits.items()}
     return index.class_names, splits, index
 
 
@@ -127,98 +125,87 @@ def _describe_split(class_names: list[str], splits: dict[str, list[Sample]]) -> 
     return "; ".join(parts)
 
 
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def predict_loader(
-    model: nn.Module,
-    loader: Any,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels for every batch of `loader`."""
-    model.eval()
-    all_probs, all_labels = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for images, labels in loader:
-        with autocast:
-            logits = model(images.to(device, non_blocking=True))
-        all_probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        all_labels.append(labels)
-    return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
-
-
-def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
-    """Metrics plus the mean cross-entropy, from predicted probabilities."""
-    metrics = compute_metrics(labels, probs, class_names)
-    logp = np.log(np.clip(probs, 1e-12, 1.0))
-    nll = -logp[np.arange(len(labels)), labels]
-    smooth = -logp.mean(axis=1)
-    metrics["loss"] = float(((1 - label_smoothing) * nll + label_smoothing * smooth).mean())
-    return metrics
-
-
 # ---------------------------------------------------------------- the loop
 
 
-def _wrap(model: nn.Module, context: distributed.Context) -> nn.Module:
-    if not context.distributed:
-        return model
-    # Built anew whenever the trainable set changes: DDP registers its gradient hooks for the
-    # parameters that require grad at construction time.
-    return DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+@dataclass
+class TrainingLoop:
+    """Everything an epoch needs, built once per run by `build_loop`."""
+
+    config: Config
+    context: distributed.Context
+    run: RunFolder
+    class_names: list[str]
+    splits: dict[str, list[Sample]]
+    model: nn.Module  # the plain model: checkpoints, validation and export use it
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    scaler: torch.amp.GradScaler | None  # fp16 loss scaling; None otherwise
+    amp_dtype: torch.dtype | None
+    train_loader: Any
+    eval_loaders: dict[str, Any]  # "val" and "test" where the split has them
+    schedule: dict[str, int]  # keyword arguments of `apply_learning_rates`
+    mean: list[float]
+    std: list[float]
+    wrapped: nn.Module | None = None  # what the training step calls: the model, under DDP when distributed
+
+    def rewrap(self) -> None:
+        """(Re)build the DDP wrapper: DDP registers its gradient hooks for the parameters that
+        require grad when it is constructed, so it is rebuilt whenever the trainable set changes."""
+        context = self.context
+        if not context.distributed:
+            self.wrapped = self.model
+            return
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        self.wrapped = DistributedDataParallel(self.model, device_ids=device_ids)
 
 
-def _train_one_epoch(
-    model: nn.Module,
-    strategy: Strategy,
-    loader: Any,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    config: Config,
-    context: distributed.Context,
-    amp_dtype: torch.dtype | None,
-    step: int,
-    schedule: dict[str, int],
-    epoch: int,
-) -> tuple[float, int]:
-    strategy.set_train_mode(model.module if isinstance(model, DistributedDataParallel) else model)
+def _autocast(loop: TrainingLoop) -> contextlib.AbstractContextManager:
+    if loop.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(loop.context.device.type, dtype=loop.amp_dtype)
+
+
+def _optimizer_step(loop: TrainingLoop, loss: torch.Tensor, trainable: list[nn.Parameter]) -> None:
+    """Backward pass, gradient clipping and the optimizer step (with fp16 loss scaling when on)."""
+    optimizer, scaler = loop.optimizer, loop.scaler
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if loop.config.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, loop.config.train.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def _train_one_epoch(loop: TrainingLoop, step: int, epoch: int) -> tuple[float, int]:
+    """One pass over the training data; returns (mean training loss over all ranks, step after it)."""
+    config, context, optimizer = loop.config, loop.context, loop.optimizer
+    loop.strategy.set_train_mode(loop.model)
     total_loss, seen, correct = 0.0, 0, 0
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch}/{config.train.epochs}",
-        disable=not context.is_main or not sys.stderr.isatty(),
-        leave=False,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(loop.train_loader, desc=f"epoch {epoch}/{config.train.epochs}",
+               disable=not context.is_main or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     for images, labels in bar:
-        apply_learning_rates(optimizer, step, **schedule, min_ratio=config.train.min_lr_ratio)
+        apply_learning_rates(optimizer, step, **loop.schedule, min_ratio=config.train.min_lr_ratio)
         images = images.to(context.device, non_blocking=True)
         labels = labels.to(context.device, non_blocking=True)
-        with torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-            logits = model(images).float()
-            loss = loss_fn(logits, labels)
+        with _autocast(loop):
+            logits = loop.wrapped(images).float()
+            loss = loop.loss_fn(logits, labels)
         if not torch.isfinite(loss):
             raise VisionFTError(
                 f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower train.lr "
                 f"(now {config.train.lr}) or keep train.grad_clip set"
             )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if config.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        _optimizer_step(loop, loss, trainable)
         step += 1
         total_loss += loss.item() * len(labels)
         seen += len(labels)
@@ -241,22 +228,13 @@ def build_optimizer(param_groups: list[dict[str, Any]], lr: float, weight_decay:
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def _save_checkpoint(folder: Path, model: nn.Module, state: dict[str, Any], strategy: Strategy,
-                     optimizer: torch.optim.Optimizer | None = None) -> None:
+def _save_checkpoint(folder: Path, loop: TrainingLoop, state: TrainingState, with_optimizer: bool = False) -> None:
     """A checkpoint plus the strategy's extra files (LoRA: adapter.safetensors), written first so
     that state.json, written last, marks a complete folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    for filename, tensors in strategy.extra_checkpoint_files(model).items():
+    for filename, tensors in loop.strategy.extra_checkpoint_files(loop.model).items():
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / filename))
-    save_checkpoint(folder, model, state, optimizer)
-
-
-def _is_better(score: float | None, best: float | None, metric: str) -> bool:
-    if score is None or (isinstance(score, float) and math.isnan(score)):
-        return False
-    if best is None:
-        return True
-    return score < best if metric == "loss" else score > best
+    save_checkpoint(folder, loop.model, state.to_dict(), loop.optimizer if with_optimizer else None)
 
 
 def train(
@@ -317,157 +295,206 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
 
 def _run_training(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
                   resume: bool, context: distributed.Context) -> TrainResult:
+    """Build the loop, train epoch by epoch until the last or an early stop, then evaluate and export."""
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
     keep_freed_memory(context.device)  # activations are re-allocated every step: keep them off the page-fault path
     log.info("run folder %s", run.root)
     log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
+    loop = build_loop(config, run, class_names, splits, resume, context)
+    state = restore_state(loop) if resume else TrainingState()
+    loop.rewrap()
+    stopped_early = False
+    for epoch in range(state.epoch + 1, config.train.epochs + 1):
+        if run_epoch(loop, state, epoch):
+            stopped_early = epoch < config.train.epochs
+            log.info("early stopping: val %s did not improve for %d epochs", config.train.early_stopping.metric,
+                     config.train.early_stopping.patience)
+            break
+    metrics = final_evaluation(loop, state) if context.is_main else {}
+    distributed.barrier(context)
+    return TrainResult(run.root, metrics, state.best_epoch, state.epoch, stopped_early)
 
+
+# ---------------------------------------------------------------- building the loop
+
+
+def _build_model(config: Config, num_classes: int, resume: bool,
+                 device: torch.device) -> tuple[nn.Module, Strategy, list[float], list[float]]:
+    """The model with its strategy applied, on `device`, and its normalisation."""
     weights = "none" if resume else None  # resume takes every weight from the checkpoint
-    model = build_model(config, len(class_names), weights=weights)
+    model = build_model(config, num_classes, weights=weights)
     strategy = build_strategy(config.finetune)
-    strategy.prepare(model)
-    model.to(context.device)
+    strategy.adapt(model)
+    strategy.set_trainable(model, epoch=1)
+    model.to(device)
     mean, std = normalisation(config, model)
     log.info("model %s (%s weights), input %d px × %d channels, mean %s std %s", config.model.name,
              "checkpoint" if resume else config.model.weights, config.data.image_size, config.data.channels,
              [round(m, 3) for m in mean], [round(s, 3) for s in std])
+    return model, strategy, mean, std
 
-    data_cfg = config.data
-    train_set = ImageDataset(splits["train"], build_transforms(data_cfg.augment.train, mean, std, train=True),
-                             data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images)
-    eval_transform = build_transforms([], mean, std, train=False)
-    eval_sets = {
-        name: ImageDataset(splits[name], eval_transform, data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images)
-        for name in ("val", "test") if splits.get(name)
-    }
-    batch = config.train.batch_size
-    train_loader = build_loader(train_set, batch, train=True, workers=data_cfg.workers,
-                                balanced=data_cfg.balance == "sampler", distributed=context.distributed,
+
+def _build_loaders(config: Config, splits: dict[str, list[Sample]], mean: list[float], std: list[float],
+                   context: distributed.Context) -> tuple[Any, dict[str, Any]]:
+    """The training loader (augmented, shuffled, sharded under DDP) and the val/test loaders."""
+    data = config.data
+    train_set = ImageDataset(splits["train"], build_transforms(data.augment.train, mean, std, train=True),
+                             data.channels, data.image_size, skip_bad=data.skip_bad_images)
+    train_loader = build_loader(train_set, config.train.batch_size, train=True, workers=data.workers,
+                                balanced=data.balance == "sampler", distributed=context.distributed,
                                 seed=config.train.seed)
-    eval_loaders = {name: build_loader(ds, batch, train=False, workers=data_cfg.workers) for name, ds in eval_sets.items()}
+    eval_loaders = {name: eval_loader(splits[name], config, mean, std, skip_bad=data.skip_bad_images)
+                    for name in ("val", "test") if splits.get(name)}
+    return train_loader, eval_loaders
 
+
+def _loss_function(config: Config, splits: dict[str, list[Sample]], num_classes: int, device: torch.device) -> nn.Module:
+    """Cross-entropy with label smoothing, class-weighted under data.balance=loss_weights."""
     weight = None
-    if data_cfg.balance == "loss_weights":
-        counts = torch.tensor(class_counts(splits["train"], len(class_names)), dtype=torch.float32)
-        weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(context.device)
+    if config.data.balance == "loss_weights":
+        counts = torch.tensor(class_counts(splits["train"], num_classes), dtype=torch.float32)
+        weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
         log.info("class weights %s", [round(w, 3) for w in weight.tolist()])
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.train.label_smoothing)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.train.label_smoothing)
 
-    amp_dtype, use_scaler = autocast_settings(config.train.amp, context.device)
-    scaler = torch.amp.GradScaler(context.device.type) if use_scaler else None
+
+def _strategy_optimizer(config: Config, model: nn.Module, strategy: Strategy, device: torch.device) -> torch.optim.AdamW:
+    return build_optimizer(strategy.param_groups(model, config.train.lr, config.train.weight_decay),
+                           config.train.lr, config.train.weight_decay, device)
+
+
+def build_loop(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
+               resume: bool, context: distributed.Context) -> TrainingLoop:
+    """Model, strategy, data loaders, loss, optimizer and schedule of a run, ready for epoch 1."""
+    device = context.device
+    model, strategy, mean, std = _build_model(config, len(class_names), resume, device)
+    train_loader, eval_loaders = _build_loaders(config, splits, mean, std, context)
+    amp_dtype, use_scaler = autocast_settings(config.train.amp, device)
     steps_per_epoch = len(train_loader)
     schedule = {
         "total_steps": steps_per_epoch * config.train.epochs,
         "warmup_steps": int(config.train.warmup_epochs * steps_per_epoch),
         "group_warmup_steps": int(config.finetune.group_warmup_epochs * steps_per_epoch),
     }
-    optimizer = build_optimizer(strategy.param_groups(model, config.train.lr, config.train.weight_decay),
-                                config.train.lr, config.train.weight_decay, context.device)
+    return TrainingLoop(
+        config=config, context=context, run=run, class_names=class_names, splits=splits, model=model,
+        strategy=strategy, optimizer=_strategy_optimizer(config, model, strategy, device),
+        loss_fn=_loss_function(config, splits, len(class_names), device),
+        scaler=torch.amp.GradScaler(device.type) if use_scaler else None, amp_dtype=amp_dtype,
+        train_loader=train_loader, eval_loaders=eval_loaders, schedule=schedule, mean=mean, std=std,
+    )
 
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    if resume:
-        state = load_state(run.last)
-        load_model_weights(run.last, model)
-        strategy.load_state_dict(state.get("strategy", {}))
-        # Rebuild the optimizer groups the strategy had at the checkpoint, then restore their state.
-        optimizer = build_optimizer(strategy.param_groups(model, config.train.lr, config.train.weight_decay),
-                                    config.train.lr, config.train.weight_decay, context.device)
-        load_optimizer_state(run.last, optimizer, state)
-        if state["epoch"] >= config.train.epochs or state.get("stopped_early"):
-            raise VisionFTError(
-                f"run {run.root} already finished at epoch {state['epoch']}; to train longer pass "
-                f"--set train.epochs=N with N > {state['epoch']} together with --resume"
-            )
-        log.info("resuming after epoch %d (best val %s %.4f at epoch %d)", state["epoch"],
-                 config.train.early_stopping.metric, state["best_score"] or float("nan"), state["best_epoch"])
 
-    metric = config.train.early_stopping.metric
-    ddp_model = _wrap(model, context)
-    stopped_early = False
-    for epoch in range(state["epoch"] + 1, config.train.epochs + 1):
-        started = time.time()
-        if strategy.on_epoch_start(epoch, model, optimizer, state["step"], config.train.lr, config.train.weight_decay):
-            ddp_model = _wrap(model, context)
-        log.info("epoch %d: %s", epoch, strategy.describe(model))
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)  # a new, reproducible shuffle each epoch (also after resume)
-        train_loss, state["step"] = _train_one_epoch(
-            ddp_model, strategy, train_loader, loss_fn, optimizer, scaler, config, context, amp_dtype,
-            state["step"], schedule, epoch,
+def restore_state(loop: TrainingLoop) -> TrainingState:
+    """Continue from the run's last checkpoint: weights, strategy, optimizer groups and their state."""
+    config, run = loop.config, loop.run
+    saved = load_state(run.last)
+    state = TrainingState.from_dict(saved)
+    load_model_weights(run.last, loop.model)
+    loop.strategy.load_state_dict(state.strategy)
+    loop.strategy.set_trainable(loop.model, epoch=max(state.epoch, 1))  # what trained in the saved epoch
+    # Rebuild the optimizer groups the strategy had at the checkpoint, then restore their state.
+    loop.optimizer = _strategy_optimizer(config, loop.model, loop.strategy, loop.context.device)
+    load_optimizer_state(run.last, loop.optimizer, saved)
+    if state.epoch >= config.train.epochs or state.stopped_early:
+        raise VisionFTError(
+            f"run {run.root} already finished at epoch {state.epoch}; to train longer pass "
+            f"--set train.epochs=N with N > {state.epoch} together with --resume"
         )
-        stop = False
-        if context.is_main:
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
-            if "val" in eval_loaders:
-                probs, labels = predict_loader(model, eval_loaders["val"], context.device, amp_dtype)
-                val = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
-                row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")})
-                score = val["loss" if metric == "loss" else metric]
-            else:
-                score = -train_loss if metric != "loss" else train_loss  # no val split: watch the training loss
-            row["seconds"] = round(time.time() - started, 1)
-            state["history"].append(row)
-            with run.metrics_log.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            improved = _is_better(score, state["best_score"], metric)
-            if improved:
-                state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-            stop = state["bad_epochs"] >= config.train.early_stopping.patience
-            state.update(epoch=epoch, stopped_early=stop and epoch < config.train.epochs,
-                         strategy=strategy.state_dict())
-            if improved:
-                _save_checkpoint(run.best, model, state, strategy)
-            _save_checkpoint(run.last, model, state, strategy, optimizer)
-            log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
-                     format_summary({k[4:]: v for k, v in row.items() if k.startswith("val_")}), row["seconds"],
-                     "  *best*" if improved else "")
-        stop = distributed.broadcast_from_main(context, stop)
-        if stop:
-            stopped_early = epoch < config.train.epochs
-            log.info("early stopping: val %s did not improve for %d epochs", metric, config.train.early_stopping.patience)
-            break
-
-    metrics: dict[str, Any] = {}
-    if context.is_main:
-        metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config)
-    distributed.barrier(context)
-    return TrainResult(run.root, metrics, state["best_epoch"], state["epoch"], stopped_early)
+    log.info("resuming after epoch %d (best val %s %.4f at epoch %d)", state.epoch,
+             config.train.early_stopping.metric, state.best_score or float("nan"), state.best_epoch)
+    return state
 
 
-def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, Any], class_names: list[str],
-                      context: distributed.Context, amp_dtype: torch.dtype | None, state: dict[str, Any],
-                      config: Config) -> dict[str, Any]:
-    """Evaluate the best checkpoint on val and test, write metrics.json, plots and the report."""
-    load_model_weights(run.best, model)
+# ---------------------------------------------------------------- one epoch
+
+
+def run_epoch(loop: TrainingLoop, state: TrainingState, epoch: int) -> bool:
+    """Train `epoch`, then (rank 0) validate, log and checkpoint it; True when training should stop."""
+    started = time.time()
+    if loop.strategy.on_epoch_start(epoch, loop.model, loop.optimizer, state.step, loop.config.train.lr,
+                                    loop.config.train.weight_decay):
+        loop.rewrap()
+    log.info("epoch %d: %s", epoch, loop.strategy.describe(loop.model))
+    sampler = getattr(loop.train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # a new, reproducible shuffle each epoch (also after resume)
+    train_loss, state.step = _train_one_epoch(loop, state.step, epoch)
+    stop = end_epoch(loop, state, epoch, train_loss, started) if loop.context.is_main else False
+    return distributed.broadcast_from_main(loop.context, stop)
+
+
+def validate(loop: TrainingLoop, train_loss: float) -> tuple[dict[str, float], float | None]:
+    """(val_* fields of the metrics row, the early-stopping score); without a val split the
+    score watches the training loss."""
+    metric = loop.config.train.early_stopping.metric
+    if "val" not in loop.eval_loaders:
+        return {}, -train_loss if metric != "loss" else train_loss
+    outputs = infer(loop.model, loop.eval_loaders["val"], loop.context.device, loop.amp_dtype)
+    val = evaluate_outputs(outputs, loop.class_names, loop.config.train.label_smoothing)
+    fields = {f"val_{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")}
+    return fields, val["loss" if metric == "loss" else metric]
+
+
+def end_epoch(loop: TrainingLoop, state: TrainingState, epoch: int, train_loss: float, started: float) -> bool:
+    """Rank 0's end of an epoch: validate, append the metrics.jsonl row, update `state`, write the
+    best (when improved) and last checkpoints. Returns whether early stopping says stop."""
+    config = loop.config
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": loop.optimizer.param_groups[0]["lr"]}
+    fields, score = validate(loop, train_loss)
+    row.update(fields)
+    row["seconds"] = round(time.time() - started, 1)
+    state.history.append(row)
+    with loop.run.metrics_log.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    stopping = config.train.early_stopping
+    improved = state.record_epoch(epoch, score, stopping.metric, stopping.patience, config.train.epochs)
+    state.strategy = loop.strategy.state_dict()
+    if improved:
+        _save_checkpoint(loop.run.best, loop, state)
+    _save_checkpoint(loop.run.last, loop, state, with_optimizer=True)
+    log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
+             format_summary({k[4:]: v for k, v in fields.items()}), row["seconds"], "  *best*" if improved else "")
+    return state.should_stop(stopping.patience)
+
+
+# ---------------------------------------------------------------- after the last epoch
+
+
+def final_evaluation(loop: TrainingLoop, state: TrainingState) -> dict[str, Any]:
+    """Rank 0: evaluate the best checkpoint on val and test; write metrics.json, plots, the ONNX
+    model (when export.onnx) and the report."""
+    run, config, class_names = loop.run, loop.config, loop.class_names
+    load_model_weights(run.best, loop.model)
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
-    for name, loader in eval_loaders.items():
-        probs, labels = predict_loader(model, loader, context.device, amp_dtype)
-        metrics[name] = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
+    for name, loader in loop.eval_loaders.items():
+        outputs = infer(loop.model, loader, loop.context.device, loop.amp_dtype)
+        metrics[name] = evaluate_outputs(outputs, class_names, config.train.label_smoothing)
         plot_confusion_matrix(metrics[name]["confusion_matrix"], class_names, run.plots / f"confusion_{name}.png",
-                              f"{name} split, best checkpoint (epoch {state['best_epoch']})")
-        log.info("%s (best checkpoint, epoch %d): %s", name, state["best_epoch"], format_summary(metrics[name]))
-    metrics["best_epoch"] = state["best_epoch"]
+                              f"{name} split, best checkpoint (epoch {state.best_epoch})")
+        log.info("%s (best checkpoint, epoch %d): %s", name, state.best_epoch, format_summary(metrics[name]))
+    metrics["best_epoch"] = state.best_epoch
     run.metrics.write_text(json.dumps(metrics, indent=1))
-    if state["history"]:
-        plot_training_curves(state["history"], run.plots / "training_curves.png", config.train.early_stopping.metric)
+    if state.history:
+        plot_training_curves(state.history, run.plots / "training_curves.png", config.train.early_stopping.metric)
     if config.export.onnx:
-        _export_onnx(run)
-    write_report(run, config, class_names, metrics, state)
+        export_onnx(loop)
+    write_report(run, config, class_names, metrics, state.to_dict())
     return metrics
 
 
-def _export_onnx(run: RunFolder) -> None:
-    """RUN/model.onnx from the best checkpoint. A model that cannot be exported costs the run
-    nothing: the checkpoints stay, and the warning says how to retry."""
-    from vision_ft.export import export_run
+def export_onnx(loop: TrainingLoop) -> None:
+    """RUN/model.onnx from the model in memory (holding the best checkpoint's weights). A model
+    that cannot be exported costs the run nothing: the checkpoints stay, and the warning says how
+    to retry."""
+    from vision_ft.export import export_model, model_metadata
 
+    config, run = loop.config, loop.run
+    metadata = model_metadata(config, loop.class_names, loop.mean, loop.std, loop.splits)
     try:
-        result = export_run(run.root, force=True, echo=log.info)
+        result = export_model(loop.model, metadata, loop.splits, run.onnx, force=True, echo=log.info)
     except VisionFTError as exc:
         log.warning("no ONNX model written: %s; retry with `vision-ft export %s` (or set export.onnx=false)",
                     exc, run.root)

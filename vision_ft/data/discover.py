@@ -197,8 +197,8 @@ def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def _discover_csv(csv_path: Path) -> DatasetIndex:
-    root = csv_path.parent
+def _read_manifest(csv_path: Path) -> tuple[dict[str, str], list[tuple[int, dict[str, str]]]]:
+    """({lower-case column name: column as written}, [(line number, row)]) of a CSV manifest."""
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: tolerate Excel's byte-order mark
             reader = csv.DictReader(fh)
@@ -214,7 +214,29 @@ def _discover_csv(csv_path: Path) -> DatasetIndex:
         raise VisionFTError(f"{csv_path} is not UTF-8 text ({exc.reason}); save the manifest as UTF-8 CSV") from None
     except csv.Error as exc:
         raise VisionFTError(f"{csv_path} is not a readable CSV file ({exc}); fix the manifest") from None
+    return columns, rows
 
+
+def _manifest_presplit(csv_path: Path, samples: list[Sample], splits: list[str | None],
+                       class_names: list[str]) -> dict[str, list[Sample]]:
+    """The manifest's own train/val/test split (rows without a split value train)."""
+    presplit: dict[str, list[Sample]] = {}
+    for sample, split in zip(samples, splits):
+        presplit.setdefault(split or "train", []).append(sample)
+    if "train" not in presplit:
+        raise VisionFTError(f"{csv_path} has no rows with split 'train'; mark the training images as train")
+    in_train = {s.label for s in presplit["train"]}
+    lacking = [class_names[label] for label in range(len(class_names)) if label not in in_train]
+    if lacking:
+        raise VisionFTError(
+            f"{csv_path}: class {lacking[0]!r} has no rows with split 'train'; every class needs training images"
+        )
+    return {name: presplit[name] for name in SPLIT_NAMES if name in presplit}
+
+
+def _discover_csv(csv_path: Path) -> DatasetIndex:
+    root = csv_path.parent
+    columns, rows = _read_manifest(csv_path)
     split_column = columns.get("split")
     entries: list[tuple[Path, str, str | None]] = []
     skipped: list[tuple[Path, str]] = []
@@ -261,18 +283,7 @@ def _discover_csv(csv_path: Path) -> DatasetIndex:
     label_of = {name: index for index, name in enumerate(class_names)}
     samples = [Sample(path, label_of[label]) for path, label, _ in entries]
 
-    presplit: dict[str, list[Sample]] | None = None
+    presplit = None
     if split_column is not None:
-        presplit = {}
-        for sample, (_, _, split) in zip(samples, entries):
-            presplit.setdefault(split or "train", []).append(sample)
-        if "train" not in presplit:
-            raise VisionFTError(f"{csv_path} has no rows with split 'train'; mark the training images as train")
-        in_train = {s.label for s in presplit["train"]}
-        lacking = [class_names[label] for label in range(len(class_names)) if label not in in_train]
-        if lacking:
-            raise VisionFTError(
-                f"{csv_path}: class {lacking[0]!r} has no rows with split 'train'; every class needs training images"
-            )
-        presplit = {name: presplit[name] for name in SPLIT_NAMES if name in presplit}
+        presplit = _manifest_presplit(csv_path, samples, [split for _, _, split in entries], class_names)
     return DatasetIndex(root=root, class_names=class_names, samples=samples, presplit=presplit, skipped=skipped)

@@ -15,6 +15,7 @@ import timm
 from torch import nn
 
 from vision_ft.errors import VisionFTError
+from vision_ft.models.head import head_modules
 from vision_ft.models.weights import load_into_model, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,7 @@ NEW_HEAD_STD = 0.01
 
 def init_new_head(model: nn.Module) -> None:
     """Re-initialise the classifier (`get_classifier()`, every head of distilled models) with small weights and zero biases."""
-    from vision_ft.finetune.layer_groups import head_modules
-
-    for module in (m for head in head_modules(model) for m in head.modules()):
+    for module in (m for _, head in head_modules(model) for m in head.modules()):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(module.weight, std=NEW_HEAD_STD, a=-2 * NEW_HEAD_STD, b=2 * NEW_HEAD_STD)
             if module.bias is not None:
