@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.real_data import copy_neu_subset, needs_neu
+from tests.real_data import RUN_CLASSES as CLASSES, RUN_PER_CLASS as PER_CLASS, needs_neu
 from tests.interrupt import interrupt_at_epoch
 from vision_ft.cli import main
 
-CLASSES = ("crazing", "inclusion", "scratches")
-PER_CLASS = 16
 FAST = ["--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
         "--set", "train.warmup_epochs=0", "--weights", "none", "--model", "resnet18"]
 
@@ -21,18 +19,6 @@ pytestmark = [
     pytest.mark.slow,
     needs_neu,
 ]
-
-
-@pytest.fixture(scope="module")
-def neu_subset(tmp_path_factory) -> Path:
-    return copy_neu_subset(tmp_path_factory.mktemp("neu"), CLASSES, PER_CLASS)
-
-
-@pytest.fixture(scope="module")
-def trained_run(neu_subset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "neu"
-    assert main(["train", "--data", str(neu_subset), "--out", str(out), "--set", "train.epochs=2", *FAST]) == 0
-    return out
 
 
 def test_train_leaves_a_complete_run_folder(trained_run, capsys):
