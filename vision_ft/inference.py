@@ -72,13 +72,6 @@ def infer(model: nn.Module, loader: Iterable[Any], device: torch.device | None =
     return Outputs(torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy())
 
 
-def predict_loader(model: nn.Module, loader: Iterable[Any], device: torch.device | None = None,
-                   amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels for every batch of `loader`."""
-    outputs = infer(model, loader, device, amp_dtype)
-    return outputs.probabilities, outputs.labels
-
-
 def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
     """Metrics plus the mean (label-smoothed) cross-entropy, from predicted probabilities."""
     metrics = compute_metrics(labels, probs, class_names)

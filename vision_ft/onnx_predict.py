@@ -1,15 +1,16 @@
-"""`vision-ft predict model.onnx PATH`: label images with an exported model, through the
-torch-free runtime; the same CSV as predictions of a run folder (`predict.py`)."""
+"""`vision-ft predict model.onnx PATH`: an exported model's probabilities for image files,
+through the torch-free runtime (a run folder's go through `vision_ft.load_run(...).predict_proba`;
+both end in the same CSV, `predict.py`)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from vision_ft.predict import collect_images, prediction_header, prediction_rows
-from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model
+from vision_ft.runtime import DEFAULT_BATCH_SIZE, load_model
 
 
 def is_onnx_model(source: Path) -> bool:
@@ -17,13 +18,9 @@ def is_onnx_model(source: Path) -> bool:
     return source.suffix.lower() == ".onnx" or source.is_file()
 
 
-def predict_onnx(model_path: Path, path: Path, top_k: int = 3, batch_size: int | None = None,
-                 threshold: float | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of predictions of the exported model `model_path` on `path`."""
-    check_threshold(threshold)
+def onnx_probabilities(model_path: Path, images: list[Path], batch_size: int | None = None) -> tuple[list[str], np.ndarray]:
+    """(class names, probabilities N x classes) of the exported model `model_path` on `images`."""
     model = load_model(model_path)
-    images = collect_images(path)
-    top_k = max(1, min(top_k, len(model.class_names)))
     with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
         probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
-    return prediction_header(top_k), prediction_rows(images, probs, model.class_names, top_k, threshold)
+    return model.class_names, probs

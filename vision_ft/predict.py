@@ -1,7 +1,5 @@
-"""`vision-ft predict RUN PATH`: label images with a trained run, CSV out.
-
-The CSV columns and rows are shared with predictions of an exported model (`onnx_predict.py`).
-"""
+"""`vision-ft predict`: the images to label and the CSV of labels, shared by a run folder's
+predictions (`run_predict.py`) and an exported model's (`onnx_predict.py`)."""
 
 from __future__ import annotations
 
@@ -10,12 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vision_ft.cpu_memory import keep_freed_memory
-from vision_ft.data.discover import IMAGE_SUFFIXES, Sample
+from vision_ft.data.discover import IMAGE_SUFFIXES
 from vision_ft.errors import VisionFTError
-from vision_ft.inference import eval_loader, infer
-from vision_ft.run_model import default_device, load_run
-from vision_ft.runtime import check_threshold, mark_uncertain
+from vision_ft.runtime import mark_uncertain
 
 
 def collect_images(path: Path) -> list[Path]:
@@ -59,17 +54,3 @@ def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None,
-                threshold: float | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of predictions of a run's best checkpoint on `path`."""
-    check_threshold(threshold)
-    device = default_device()
-    keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
-    loaded = load_run(run_dir, device=device)
-    images = collect_images(path)
-    top_k = max(1, min(top_k, len(loaded.class_names)))
-    loader = eval_loader([Sample(p, 0) for p in images], loaded.config, loaded.mean, loaded.std, batch_size)
-    probs = infer(loaded.model, loader, progress="predict").probabilities
-    return prediction_header(top_k), prediction_rows(images, probs, loaded.class_names, top_k, threshold)

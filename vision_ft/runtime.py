@@ -191,13 +191,7 @@ class OnnxClassifier:
         self, images: Sequence[ImageSource], threshold: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> list[Prediction]:
         """A Prediction per image; below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
-        probabilities = self.predict_proba(images, batch_size)
-        labels = mark_uncertain(probabilities, self.class_names, threshold)
-        predictions = []
-        for probs, label in zip(probabilities, labels):
-            best = int(np.argmax(probs))
-            predictions.append(Prediction(label, float(probs[best]), self.class_names[best], probs))
-        return predictions
+        return predictions(self.predict_proba(images, batch_size), self.class_names, threshold)
 
     def predict_one(self, image: ImageSource, threshold: float | None = None) -> Prediction:
         """`predict` for a single path, array or Pillow image."""
@@ -240,3 +234,12 @@ def mark_uncertain(probs: np.ndarray, class_names: Sequence[str], threshold: flo
     scores = np.asarray(probs)[np.arange(len(best)), best]
     return [UNCERTAIN if threshold is not None and score < threshold else class_names[index]
             for index, score in zip(best, scores)]
+
+
+def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None) -> list[Prediction]:
+    """A Prediction per row of `probs` (N x classes); below `threshold` the label is UNCERTAIN.
+    The ONNX runtime and a run folder's torch model (`vision_ft.load_run(...).predict`) share it."""
+    labels = mark_uncertain(probs, class_names, threshold)
+    best = np.asarray(probs).argmax(axis=1)
+    return [Prediction(label, float(row[index]), class_names[index], row)
+            for row, index, label in zip(probs, best, labels)]

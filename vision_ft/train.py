@@ -20,7 +20,8 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vision_ft import distributed
+from vision_ft.callbacks import TrainingCallback, group_learning_rates
 from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_state, save_checkpoint
 from vision_ft.config import Config, save_config
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.bad_images import unreadable_images
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample, discover
+from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
-from vision_ft.errors import VisionFTError
+from vision_ft.errors import TrainingDiverged, VisionFTError
+from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.inference import eval_loader, evaluate_outputs, infer
@@ -105,11 +109,17 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
     if not config.data.path:
         raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
     index = discover(Path(config.data.path))
+    if config.data.group_by:
+        index.groups = assign_groups(index, config.data.group_by, config.data.path)
     for path, reason in index.skipped[:5]:
         log.warning("skipping %s: %s", path, reason)
     if len(index.skipped) > 5:
         log.warning("… and %d more non-image files skipped", len(index.skipped) - 5)
-    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
+    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed,
+                         config.data.allow_group_leak)
+    if index.groups:
+        log.info("grouped by %s: %d groups; class proportions %s", config.data.group_by, len(set(index.groups.values())),
+                 class_proportions(splits, index.class_names))
     every_path = [s.path for part in splits.values() for s in part]
     bad = unreadable_images(every_path, config.data.workers, config.data.skip_bad_images, config.data.path)
     if bad:
@@ -149,6 +159,7 @@ class TrainingLoop:
     mean: list[float]
     std: list[float]
     wrapped: nn.Module | None = None  # what the training step calls: the model, under DDP when distributed
+    callbacks: list[TrainingCallback] = field(default_factory=list)  # told of each epoch's end and the final metrics
 
     def rewrap(self) -> None:
         """(Re)build the DDP wrapper: DDP registers its gradient hooks for the parameters that
@@ -201,7 +212,7 @@ def _train_one_epoch(loop: TrainingLoop, step: int, epoch: int) -> tuple[float, 
             logits = loop.wrapped(images).float()
             loss = loop.loss_fn(logits, labels)
         if not torch.isfinite(loss):
-            raise VisionFTError(
+            raise TrainingDiverged(
                 f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower train.lr "
                 f"(now {config.train.lr}) or keep train.grad_clip set"
             )
@@ -242,11 +253,16 @@ def train(
     out: Path,
     force: bool = False,
     resume: bool = False,
+    callbacks: Sequence[TrainingCallback] = (),
 ) -> TrainResult:
-    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint."""
+    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint.
+
+    `callbacks` are called on the main process at each epoch's end and after the final
+    evaluation (see `vision_ft.callbacks`).
+    """
     context = distributed.setup()
     try:
-        return _train(config, Path(out), force, resume, context)
+        return _train(config, Path(out), force, resume, context, list(callbacks))
     finally:
         distributed.teardown(context)
 
@@ -278,11 +294,13 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
     return run, class_names, splits
 
 
-def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> TrainResult:
+def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
+           callbacks: list[TrainingCallback]) -> TrainResult:
     _setup_logging(context, None)
     run, class_names, splits = _prepare_run(config, out, force, resume, context)
     try:
-        return _run_training(config, run, class_names, splits, resume, context)
+        callbacks = [*open_experiment_logs(run, config, context.is_main), *callbacks]
+        return _run_training(config, run, class_names, splits, resume, context, callbacks)
     except VisionFTError:
         # A new run that failed before its first checkpoint (weights that do not fit, no network
         # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
@@ -291,10 +309,13 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
             _setup_logging(context, None)  # closes train.log before its folder goes
             shutil.rmtree(run.root, ignore_errors=True)
         raise
+    finally:
+        for callback in callbacks:
+            callback.close()
 
 
 def _run_training(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
-                  resume: bool, context: distributed.Context) -> TrainResult:
+                  resume: bool, context: distributed.Context, callbacks: list[TrainingCallback]) -> TrainResult:
     """Build the loop, train epoch by epoch until the last or an early stop, then evaluate and export."""
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
@@ -302,6 +323,7 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
     log.info("run folder %s", run.root)
     log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
     loop = build_loop(config, run, class_names, splits, resume, context)
+    loop.callbacks = callbacks
     state = restore_state(loop) if resume else TrainingState()
     loop.rewrap()
     stopped_early = False
@@ -311,7 +333,11 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             log.info("early stopping: val %s did not improve for %d epochs", config.train.early_stopping.metric,
                      config.train.early_stopping.patience)
             break
-    metrics = final_evaluation(loop, state) if context.is_main else {}
+    metrics: dict[str, Any] = {}
+    if context.is_main:
+        metrics = final_evaluation(loop, state)
+        for callback in callbacks:
+            callback.on_train_end(metrics)
     distributed.barrier(context)
     return TrainResult(run.root, metrics, state.best_epoch, state.epoch, stopped_early)
 
@@ -456,6 +482,8 @@ def end_epoch(loop: TrainingLoop, state: TrainingState, epoch: int, train_loss: 
     _save_checkpoint(loop.run.last, loop, state, with_optimizer=True)
     log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
              format_summary({k[4:]: v for k, v in fields.items()}), row["seconds"], "  *best*" if improved else "")
+    for callback in loop.callbacks:
+        callback.on_epoch_end(epoch, row, group_learning_rates(loop.optimizer.param_groups))
     return state.should_stop(stopping.patience)
 
 
