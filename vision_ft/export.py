@@ -76,6 +76,15 @@ class Verification:
 
 
 @dataclass(frozen=True)
+class ExportChecks:
+    """How an export is made and verified (the `vision-ft export` options)."""
+
+    tolerance: float = TOLERANCE  # largest |onnxruntime - torch| logit difference, see TOLERANCE
+    verify_count: int = VERIFY_IMAGES  # validation images compared
+    opset: int = OPSET
+
+
+@dataclass(frozen=True)
 class ExportResult:
     path: Path
     verification: Verification
@@ -251,10 +260,8 @@ def export_model(
     splits: dict[str, list[Sample]],
     out: Path,
     force: bool = False,
-    tolerance: float = TOLERANCE,
-    verify_count: int = VERIFY_IMAGES,
-    opset: int = OPSET,
     echo: Callable[[str], None] = log.info,
+    checks: ExportChecks = ExportChecks(),
 ) -> ExportResult:
     """Export `model` (left unchanged) to a verified ONNX file `out`, checked on images of `splits`.
 
@@ -263,6 +270,7 @@ def export_model(
         onnxruntime and torch differ by more than `tolerance`. No file is left at `out` in any
         of those cases.
     """
+    tolerance, verify_count, opset = checks.tolerance, checks.verify_count, checks.opset
     started = time.perf_counter()
     _check_destination(out, force)
     split_name, images = verification_images(splits, verify_count)
@@ -310,5 +318,5 @@ def export_run(
     loaded = load_run(run_dir)
     _, splits = load_split(loaded.run.split)
     metadata = model_metadata(loaded.config, loaded.class_names, loaded.mean, loaded.std, splits)
-    result = export_model(loaded.model, metadata, splits, out, force, tolerance, verify_count, opset, echo)
+    result = export_model(loaded.model, metadata, splits, out, force, echo, ExportChecks(tolerance, verify_count, opset))
     return replace(result, seconds=time.perf_counter() - started)

@@ -24,10 +24,10 @@ import numpy as np
 import onnxruntime as ort
 
 from vision_ft.data.decode import ImageSource, load_image
+from vision_ft.decision import UNCERTAIN, DecisionRule
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
 
-UNCERTAIN = "uncertain"
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -228,12 +228,9 @@ def check_threshold(threshold: float | None) -> None:
 
 def mark_uncertain(probs: np.ndarray, class_names: Sequence[str], threshold: float | None) -> list[str]:
     """The most likely class name for each row of `probs` (N x classes), or UNCERTAIN where its
-    probability is below `threshold` (None: never)."""
+    probability is below `threshold` (None: never); the reject band of `vision_ft.decision`."""
     check_threshold(threshold)
-    best = np.asarray(probs).argmax(axis=1)
-    scores = np.asarray(probs)[np.arange(len(best)), best]
-    return [UNCERTAIN if threshold is not None and score < threshold else class_names[index]
-            for index, score in zip(best, scores)]
+    return DecisionRule().labels(np.asarray(probs), list(class_names), reject_below=threshold)
 
 
 def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None) -> list[Prediction]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -298,19 +299,11 @@ def train_adapters_only(model: nn.Module, train_norm: bool = False) -> None:
                 param.requires_grad_(True)
 
 
-def apply_lora(
-    model: nn.Module,
-    r: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    target_patterns: Sequence[str] | None = None,
-    target_types: Sequence[str] = TARGET_TYPES,
-    train_norm: bool = False,
-    backend: str | None = None,
-) -> list[str]:
-    """`inject_lora`, then `train_adapters_only`: the model ready to fine-tune its adapters."""
-    names = inject_lora(model, r, alpha, dropout, rslora, target_patterns, target_types, backend)
+def apply_lora(model: nn.Module, train_norm: bool = False, **inject_options: Any) -> list[str]:
+    """`inject_lora(model, **inject_options)` (r, alpha, dropout, rslora, target_patterns,
+    target_types, backend), then `train_adapters_only(model, train_norm)`: the model ready to
+    fine-tune its adapters. Returns the names of the wrapped layers."""
+    names = inject_lora(model, **inject_options)
     train_adapters_only(model, train_norm)
     return names
 
