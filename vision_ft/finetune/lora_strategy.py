@@ -2,7 +2,8 @@
 
 `adapt` injects the adapters, each conv adapter with the kernel backend of `lora.backend` (a
 per-module setting, nothing process-wide); `set_trainable` freezes all but the adapters, the
-head and, with `lora.train_norm`, the norm layers. BatchNorm layers of the frozen backbone follow `frozen_bn` like any frozen group.
+head and, with `lora.train_norm`, the norm layers. BatchNorm layers of the frozen backbone
+follow `frozen_bn` like any frozen group.
 Every checkpoint also gets `adapter.safetensors`: the adapter tensors alone (a few hundred KB),
 to ship or swap without the full model.
 """
