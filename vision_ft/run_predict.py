@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.discover import Sample
 from vision_ft.inference import eval_loader, infer
 from vision_ft.predict import collect_images
@@ -27,7 +26,6 @@ def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None
     sources = image_sources(images)
     if not sources:
         return np.zeros((0, len(loaded.class_names)), dtype=np.float32)
-    keep_freed_memory(next(loaded.model.parameters()).device)  # every batch re-allocates the same activations
     files_only = all(isinstance(source, Path) for source in sources)
     # ImageDataset decodes with load_image, which takes paths, arrays and Pillow images alike.
     # Worker processes would pickle in-memory images for nothing; files are decoded in parallel.
