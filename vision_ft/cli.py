@@ -153,12 +153,12 @@ def predict(
     from vision_ft.predict import collect_images, prediction_header, prediction_rows, write_predictions_csv
     from vision_ft.runtime import check_threshold
 
-    check_threshold(threshold)
-    images = collect_images(path)
+    check_threshold(threshold)  # the model is opened before the images are listed: its errors come first
     if is_onnx_model(source):
-        class_names, probs = onnx_probabilities(source, images, batch_size)
+        class_names, images, probs = onnx_probabilities(source, path, batch_size)
     else:
         run = vision_ft.load_run(source)
+        images = collect_images(path)
         class_names, probs = run.class_names, run.predict_proba(images, batch_size)
     top_k = max(1, min(top_k, len(class_names)))
     header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k, threshold)
