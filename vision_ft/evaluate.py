@@ -9,7 +9,8 @@ from typing import Any
 from vision_ft.data.bad_images import unreadable_images
 from vision_ft.data.discover import Sample, discover
 from vision_ft.errors import VisionFTError
-from vision_ft.inference import eval_loader, evaluate_outputs, infer
+from vision_ft.evaluation.run_evaluation import SplitPredictions, evaluate_test, load_decision_rule
+from vision_ft.inference import eval_loader, evaluate_probs, infer
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.run_model import default_device, load_run
 
@@ -49,7 +50,11 @@ def evaluate_run(
     samples = [s for s in samples if s.path not in bad]
     loader = eval_loader(samples, cfg, loaded.mean, loaded.std, batch_size, workers)
     outputs = infer(loaded.model, loader, progress="eval")
-    metrics = evaluate_outputs(outputs, loaded.class_names, cfg.train.label_smoothing)
+    rule = load_decision_rule(run_dir, loaded.class_names)  # the run's temperature and thresholds
+    metrics = evaluate_probs(rule.probabilities(outputs.logits), outputs.labels, loaded.class_names,
+                             cfg.train.label_smoothing)
+    predictions = SplitPredictions(outputs.logits, outputs.labels, [str(s.path) for s in samples])
+    metrics.update(evaluate_test(rule, predictions, loaded.class_names, cfg.eval, seed=cfg.train.seed))
     metrics["data"] = str(data)
     metrics["skipped_unreadable"] = len(bad)
     return metrics

@@ -42,6 +42,7 @@ from vision_ft.data.discover import Sample
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.finetune.lora import lora_modules, merge_lora
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
@@ -163,8 +164,9 @@ def save_checked(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def model_metadata(config: Config, class_names: list[str], mean: list[float], std: list[float],
-                   splits: dict[str, list[Sample]]) -> ModelMetadata:
-    """The metadata describing a model of `config` and its preprocessing."""
+                   splits: dict[str, list[Sample]], run_root: Path) -> ModelMetadata:
+    """The metadata describing a model of `config`, its preprocessing and the decision rule
+    (temperature, thresholds) saved in the run folder `run_root`."""
     return ModelMetadata(
         class_names=list(class_names),
         input_size=[config.data.image_size, config.data.image_size],
@@ -175,6 +177,7 @@ def model_metadata(config: Config, class_names: list[str], mean: list[float], st
         vision_ft_version=vision_ft.__version__,
         split_fingerprint=split_fingerprint(splits),
         finetune_strategy=config.finetune.strategy,
+        decision=load_decision_rule(run_root, list(class_names)).to_json(list(class_names)),
     )
 
 
@@ -314,6 +317,6 @@ def export_run(
     _check_destination(out, force)  # before the slow model load, so a refusal is immediate
     loaded = load_run(run_dir)
     _, splits = load_split(loaded.run.split)
-    metadata = model_metadata(loaded.config, loaded.class_names, loaded.mean, loaded.std, splits)
+    metadata = model_metadata(loaded.config, loaded.class_names, loaded.mean, loaded.std, splits, loaded.run.root)
     result = export_model(loaded.model, metadata, splits, out, force, echo, ExportChecks(tolerance, verify_count, opset))
     return replace(result, seconds=time.perf_counter() - started)

@@ -23,6 +23,7 @@ from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.transforms import build_transforms
+from vision_ft.errors import TrainingDiverged
 from vision_ft.metrics import compute_metrics
 
 
@@ -74,6 +75,9 @@ def infer(model: nn.Module, loader: Iterable[Any], device: torch.device | None =
 
 def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
     """Metrics plus the mean (label-smoothed) cross-entropy, from predicted probabilities."""
+    if not np.isfinite(probs).all():
+        raise TrainingDiverged("the model's outputs are NaN or infinite: its weights diverged; "
+                               "train again with a lower train.lr (or keep train.grad_clip set)")
     metrics = compute_metrics(labels, probs, class_names)
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     nll = -logp[np.arange(len(labels)), labels]

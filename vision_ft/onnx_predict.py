@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vision_ft.predict import collect_images
-from vision_ft.runtime import DEFAULT_BATCH_SIZE, load_model
+from vision_ft.runtime import DEFAULT_BATCH_SIZE, OnnxClassifier, load_model
 
 
 def is_onnx_model(source: Path) -> bool:
@@ -19,11 +19,11 @@ def is_onnx_model(source: Path) -> bool:
     return source.suffix.lower() == ".onnx" or source.is_file()
 
 
-def onnx_probabilities(model_path: Path, path: Path, batch_size: int | None = None) -> tuple[list[str], list[Path], np.ndarray]:
-    """(class names, images, probabilities N x classes) of the exported model `model_path` on the
-    image or folder of images `path`."""
+def onnx_probabilities(model_path: Path, path: Path, batch_size: int | None = None) -> tuple[OnnxClassifier, list[Path], np.ndarray]:
+    """(the loaded model, images, probabilities N x classes) of the exported model `model_path` on
+    the image or folder of images `path`."""
     model = load_model(model_path)
     images = collect_images(path)
     with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
         probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
-    return model.class_names, images, probs
+    return model, images, probs

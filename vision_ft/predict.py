@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_ft.data.discover import IMAGE_SUFFIXES
+from vision_ft.decision import DecisionRule
 from vision_ft.errors import VisionFTError
 from vision_ft.runtime import mark_uncertain
 
@@ -35,9 +36,10 @@ def prediction_header(top_k: int) -> list[str]:
 
 
 def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int,
-                    threshold: float | None = None) -> list[list[str]]:
-    """One CSV row per image: path, label (UNCERTAIN below `threshold`), its score, the top-k ranking."""
-    labels = mark_uncertain(probs, class_names, threshold)
+                    rule: DecisionRule | None = None, threshold: float | None = None) -> list[list[str]]:
+    """One CSV row per image: label by the decision rule (operating thresholds, `threshold` reject
+    band), score = top-1 probability, then the top-k labels and probabilities."""
+    labels = mark_uncertain(probs, class_names, threshold, rule)
     rows = []
     for path, p, label in zip(paths, probs, labels):
         order = np.argsort(-p)[:top_k]

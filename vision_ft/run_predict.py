@@ -12,6 +12,7 @@ from vision_ft.data.discover import Sample
 from vision_ft.inference import eval_loader, infer
 from vision_ft.predict import collect_images
 from vision_ft.run_model import LoadedRun
+from vision_ft.evaluation.run_evaluation import load_decision_rule
 
 
 def image_sources(images: Any) -> list[Any]:
@@ -31,4 +32,6 @@ def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None
     # Worker processes would pickle in-memory images for nothing; files are decoded in parallel.
     loader = eval_loader([Sample(source, 0) for source in sources], loaded.config, loaded.mean, loaded.std,
                          batch_size, workers=None if files_only else 0)
-    return infer(loaded.model, loader, progress="predict").probabilities
+    logits = infer(loaded.model, loader, progress="predict").logits
+    # The run's temperature (decision.json), through the same numpy function as the ONNX runtime.
+    return load_decision_rule(loaded.run.root, loaded.class_names).probabilities(logits)

@@ -107,6 +107,8 @@ class OnnxClassifier:
         # float64. Matches albumentations' Normalize to within 1 ulp (2.4e-7 measured).
         self._lut = ((np.arange(256, dtype=np.float64)[:, None] / 255.0 - mean) / std).astype(np.float32)
         self._check_signature()
+        # Temperature and thresholds chosen after training; the same numpy code as torch's path.
+        self.rule = DecisionRule.from_json(metadata.decision, list(metadata.class_names))
 
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -182,7 +184,7 @@ class OnnxClassifier:
                 batch = pending.result()
                 if index + 1 < len(chunks):
                     pending = prefetch.submit(self.preprocess, chunks[index + 1])
-                results.append(softmax(self.logits(batch)))
+                results.append(self.rule.probabilities(self.logits(batch)))
                 if progress is not None:
                     progress(len(chunk))
         return np.concatenate(results)
@@ -190,8 +192,9 @@ class OnnxClassifier:
     def predict(
         self, images: Sequence[ImageSource], threshold: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> list[Prediction]:
-        """A Prediction per image; below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
-        return predictions(self.predict_proba(images, batch_size), self.class_names, threshold)
+        """A Prediction per image, labelled by the model's decision rule (its operating thresholds, see
+        `vision_ft.decision`); below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
+        return predictions(self.predict_proba(images, batch_size), self.class_names, threshold, self.rule)
 
     def predict_one(self, image: ImageSource, threshold: float | None = None) -> Prediction:
         """`predict` for a single path, array or Pillow image."""
@@ -226,17 +229,19 @@ def check_threshold(threshold: float | None) -> None:
         raise VisionFTError(f"threshold {threshold} is not a probability; use a value in (0, 1], e.g. 0.8")
 
 
-def mark_uncertain(probs: np.ndarray, class_names: Sequence[str], threshold: float | None) -> list[str]:
-    """The most likely class name for each row of `probs` (N x classes), or UNCERTAIN where its
-    probability is below `threshold` (None: never); the reject band of `vision_ft.decision`."""
+def mark_uncertain(probs: np.ndarray, class_names: Sequence[str], threshold: float | None,
+                   rule: DecisionRule | None = None) -> list[str]:
+    """The label of each row of `probs` (N x classes) by `rule` (default: the most likely class),
+    or UNCERTAIN where the decided class's probability is below `threshold` (None: never)."""
     check_threshold(threshold)
-    return DecisionRule().labels(np.asarray(probs), list(class_names), reject_below=threshold)
+    return (rule or DecisionRule()).labels(np.asarray(probs), list(class_names), reject_below=threshold)
 
 
-def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None) -> list[Prediction]:
-    """A Prediction per row of `probs` (N x classes); below `threshold` the label is UNCERTAIN.
-    The ONNX runtime and a run folder's torch model (`vision_ft.load_run(...).predict`) share it."""
-    labels = mark_uncertain(probs, class_names, threshold)
+def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None,
+                rule: DecisionRule | None = None) -> list[Prediction]:
+    """A Prediction per row of `probs`, labelled as `mark_uncertain` says. The ONNX runtime and a
+    run folder's torch model (`vision_ft.load_run(...).predict`) share it."""
+    labels = mark_uncertain(probs, class_names, threshold, rule)
     best = np.asarray(probs).argmax(axis=1)
     return [Prediction(label, float(row[index]), class_names[index], row)
             for row, index, label in zip(probs, best, labels)]

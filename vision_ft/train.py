@@ -41,9 +41,15 @@ from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample, discover
 from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts
-from vision_ft.data.split import load_split, make_splits, save_split
+from vision_ft.data.split import load_split, load_split_groups, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.errors import TrainingDiverged, VisionFTError
+from vision_ft.evaluation.run_evaluation import (
+    SplitPredictions,
+    check_eval_config,
+    evaluate_run_predictions,
+    summary_lines,
+)
 from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
@@ -279,6 +285,7 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 check_model_name(config.model.name)
                 validate_augment_spec(config.data.augment.train)
                 class_names, splits, index = _check_data_and_split(config)
+                check_eval_config(config.eval, class_names)  # eval.positive_class etc. name real classes
                 check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
                 run = create_run_folder(out, force=force)
                 save_config(config, run.config)
@@ -495,13 +502,21 @@ def final_evaluation(loop: TrainingLoop, state: TrainingState) -> dict[str, Any]
     load_model_weights(run.best, loop.model)
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
+    predictions: dict[str, SplitPredictions] = {}
+    groups = load_split_groups(run.split)
     for name, loader in loop.eval_loaders.items():
         outputs = infer(loop.model, loader, loop.context.device, loop.amp_dtype)
         metrics[name] = evaluate_outputs(outputs, class_names, config.train.label_smoothing)
+        paths = [s.path for s in loader.dataset.samples]
+        predictions[name] = SplitPredictions(outputs.logits, outputs.labels, [str(p) for p in paths],
+                                             [groups[p] for p in paths] if groups else None)
         plot_confusion_matrix(metrics[name]["confusion_matrix"], class_names, run.plots / f"confusion_{name}.png",
                               f"{name} split, best checkpoint (epoch {state.best_epoch})")
         log.info("%s (best checkpoint, epoch %d): %s", name, state.best_epoch, format_summary(metrics[name]))
     metrics["best_epoch"] = state.best_epoch
+    metrics.update(evaluate_run_predictions(run.root, config, class_names, predictions))  # CIs, calibration, thresholds
+    for line in summary_lines(metrics):
+        log.info("%s", line)
     run.metrics.write_text(json.dumps(metrics, indent=1))
     if state.history:
         plot_training_curves(state.history, run.plots / "training_curves.png", config.train.early_stopping.metric)
@@ -518,7 +533,7 @@ def export_onnx(loop: TrainingLoop) -> None:
     from vision_ft.export import export_model, model_metadata
 
     config, run = loop.config, loop.run
-    metadata = model_metadata(config, loop.class_names, loop.mean, loop.std, loop.splits)
+    metadata = model_metadata(config, loop.class_names, loop.mean, loop.std, loop.splits, run.root)
     try:
         result = export_model(loop.model, metadata, loop.splits, run.onnx, force=True, echo=log.info)
     except VisionFTError as exc:
