@@ -35,6 +35,11 @@ SetOption = Annotated[
 def _echo_metrics(title: str, metrics: dict) -> None:
     from vision_ft.metrics import format_summary
 
+    if "per_defect_class" in metrics:  # an anomaly run
+        from vision_ft.anomaly.evaluate import format_anomaly_summary
+
+        typer.echo(f"{title}: {format_anomaly_summary(metrics)}")
+        return
     typer.echo(f"{title}: {format_summary(metrics)}")
 
 
@@ -49,8 +54,11 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder given by --out from its last checkpoint.")] = False,
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out unreadable images with a warning.")] = False,
+    task: Annotated[Optional[str], typer.Option("--task", help="classification (default) or anomaly: fit on good parts only.")] = None,
 ) -> None:
     """Fine-tune a backbone on labelled images and write a run folder."""
+    if task is not None:
+        overrides = [*(overrides or []), f"task={task}"]
     from vision_ft.config import build_config, load_config, parse_override, validate_config
     from vision_ft.run_folder import next_run_path, open_run_folder
     from vision_ft.train import train as run_training
@@ -90,7 +98,9 @@ def train(
             typer.echo(f"ONNX model: {onnx_model}")
         for split in ("val", "test"):
             if split in result.metrics:
-                _echo_metrics(f"{split} (best epoch {result.best_epoch})", result.metrics[split])
+                # An anomaly run is fitted in one pass: no epochs to name.
+                title = f"{split} (best epoch {result.best_epoch})" if result.epochs_run else split
+                _echo_metrics(title, result.metrics[split])
 
 
 @app.command(name="eval")
@@ -107,6 +117,17 @@ def eval_command(
 
     if checkpoint not in ("best", "last"):
         raise VisionFTError(f"--checkpoint must be 'best' or 'last', not '{checkpoint}'")
+    from vision_ft.run_model import is_anomaly_run
+
+    if is_anomaly_run(run):
+        from vision_ft.anomaly.eval_run import evaluate_anomaly_run, write_anomaly_eval_outputs
+
+        metrics = evaluate_anomaly_run(run, data, split=split, skip_bad_images=skip_bad_images)
+        _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
+        if out:
+            write_anomaly_eval_outputs(metrics, out)
+            typer.echo(f"metrics written to {out}")
+        return
     metrics = evaluate_run(run, data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
     _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
     if out:
@@ -130,13 +151,19 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Label images whose top score is below this probability 'uncertain' (for manual inspection).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(
+        "--heatmaps", help="Also write each image with its heatmap overlaid (PNG) into this folder: anomaly maps, or class activation maps.")] = None,
 ) -> None:
     """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
+    from vision_ft.heatmaps.predict import is_anomaly_source, predict_and_draw
     from vision_ft.predict import collect_images, predict_run, prediction_header, prediction_rows, write_predictions_csv
     from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
 
     check_threshold(threshold)
-    if _is_onnx_model(source):
+    if heatmaps is not None or is_anomaly_source(source):
+        header, rows = predict_and_draw(source, path, heatmaps, top_k, batch_size, threshold, echo=typer.echo)
+        threshold = None if is_anomaly_source(source) else threshold
+    elif _is_onnx_model(source):
         from tqdm import tqdm
 
         model = load_model(source)

@@ -266,6 +266,12 @@ def train(
     resume: bool = False,
 ) -> TrainResult:
     """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint."""
+    if config.task == "anomaly":
+        from vision_ft.anomaly.fit import train_anomaly
+
+        if resume:
+            raise VisionFTError("an anomaly run is fitted in one pass and cannot be resumed; start it again with --force")
+        return train_anomaly(config, Path(out), force=force)
     context = distributed.setup()
     try:
         return _train(config, Path(out), force, resume, context)
