@@ -57,7 +57,7 @@ def anomaly_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[st
     fn = int((~flagged & defect).sum())
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else None
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if defect.any() else None
     good_correct = float((~flagged[~defect]).mean()) if (~defect).any() else None
     per_class = {}
     for label, name in enumerate(class_names):

@@ -69,7 +69,7 @@ def choose_threshold(scores: np.ndarray, defect: np.ndarray, config: AnomalyConf
         # The highest threshold that reaches the target: fewest good parts flagged.
         reaching = np.flatnonzero(recall >= config.target_recall)
         best = int(reaching[-1])
-        why = f"the highest threshold catching at least {config.target_recall:g} of them"
+        why = f"the highest threshold catching at least {config.target_recall:.0%} of the defects"
     else:
         best = int(np.flatnonzero(f1 == f1.max())[-1])  # ties: the higher threshold, fewer false alarms
         why = "the threshold with the best F1"
