@@ -1,7 +1,7 @@
 """Grad-CAM (Selvaraju et al. 2017) for classifiers without a pooling + linear head.
 
-The last feature map's channels (ViT: the last block's patch tokens, reshaped to the patch
-grid) are weighted by the mean gradient of the class logit with respect to them; the positive
+The last feature map's channels (ViT: the patch tokens entering the last block, reshaped to the
+patch grid) are weighted by the mean gradient of the class logit with respect to them; the positive
 part of the weighted sum is the map. Needs torch (gradients), so these maps come from run folders,
 not from exported models.
 """
@@ -32,13 +32,16 @@ def gradcam(model: nn.Module, images: torch.Tensor, class_index: torch.Tensor | 
     is_vit = isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0 and hasattr(model, "num_prefix_tokens")
 
     def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        output.retain_grad()
         captured["activations"] = output
 
     with torch.enable_grad():
         images = images.detach().requires_grad_(True)  # gradients flow even through frozen weights
         if is_vit:
-            hook = blocks[-1].register_forward_hook(keep)
+            # The last block's input (after its first norm), not its output: with a class-token
+            # head only the class token of the output reaches the logits, so the patch tokens'
+            # gradients there are zero. One attention layer later they are not.
+            target = getattr(blocks[-1], "norm1", None) or blocks[-1]
+            hook = target.register_forward_hook(keep)
             try:
                 logits = model(images)
             finally:
@@ -47,12 +50,12 @@ def gradcam(model: nn.Module, images: torch.Tensor, class_index: torch.Tensor | 
             features = model.forward_features(images)
             if features.dim() != 4:
                 raise VisionFTError(f"{type(model).__name__} gives no feature map to draw a heatmap from")
-            features.retain_grad()
             captured["activations"] = features
             logits = model.forward_head(features)
         chosen = logits.argmax(1) if class_index is None else class_index
-        logits.gather(1, chosen[:, None]).sum().backward()
-    activations, grads = captured["activations"].detach(), captured["activations"].grad
+        # Gradients for the activations only: the model's own .grad fields stay untouched.
+        grads = torch.autograd.grad(logits.gather(1, chosen[:, None]).sum(), captured["activations"])[0]
+    activations = captured["activations"].detach()
     if is_vit:
         prefix = int(getattr(model, "num_prefix_tokens", 1))
         activations, grads = activations[:, prefix:], grads[:, prefix:]
