@@ -29,7 +29,7 @@ class AnomalyData:
     splits: dict[str, list[Sample]]
 
 
-def _good_only_folder(root: Path, good_class: str) -> DatasetIndex | None:
+def good_only_folder(root: Path, good_class: str) -> DatasetIndex | None:
     """A folder holding images and no sub-folders: all good parts."""
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     if any(p.is_dir() for p in entries):
@@ -62,7 +62,7 @@ def anomaly_splits(config: Config) -> AnomalyData:
         raise VisionFTError("no data given; pass --data DIR (a folder of good images, or class folders with 'good')")
     source = Path(config.data.path).expanduser()
     good_class = config.anomaly.good_class
-    index = _good_only_folder(source.resolve(), good_class) if source.is_dir() else None
+    index = good_only_folder(source.resolve(), good_class) if source.is_dir() else None
     if index is None:
         index = discover(source, every_class_trains=False)
     if good_class not in index.class_names:

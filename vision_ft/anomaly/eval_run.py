@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vision_ft.anomaly.data import _good_only_folder
-from vision_ft.anomaly.evaluate import anomaly_metrics, score_loader, scoring_batch_size
+from vision_ft.anomaly.data import good_only_folder
+from vision_ft.anomaly.evaluate import add_intervals, anomaly_metrics, score_loader, scoring_batch_size
 from vision_ft.anomaly.model_file import load_anomaly_run
 from vision_ft.anomaly.plots import plot_score_histogram
 from vision_ft.cpu_memory import keep_freed_memory
@@ -29,7 +29,7 @@ def evaluate_anomaly_run(run_dir: Path, data: Path, split: str | None = None, sk
     cfg = loaded.config
     good_class = cfg.anomaly.good_class
     data = Path(data)
-    index = (_good_only_folder(data.resolve(), good_class) if data.is_dir() else None) or discover(data, every_class_trains=False)
+    index = (good_only_folder(data.resolve(), good_class) if data.is_dir() else None) or discover(data, every_class_trains=False)
     samples = index.samples
     if split is not None:
         if not index.presplit or split not in index.presplit:
@@ -49,7 +49,8 @@ def evaluate_anomaly_run(run_dir: Path, data: Path, split: str | None = None, sk
                           workers=cfg.data.workers)
     scores, _, labels, _ = score_loader(loaded.scorer, loader, device, "eval")
     good = index.class_names.index(good_class)
-    metrics = anomaly_metrics(scores, labels, index.class_names, good, cfg.anomaly.uncertain_band)
+    metrics = add_intervals(anomaly_metrics(scores, labels, index.class_names, good, cfg.anomaly.uncertain_band),
+                            scores, labels, good, cfg.eval.bootstrap_resamples, cfg.eval.confidence)
     metrics.update(data=str(data), skipped_unreadable=len(bad), scores=scores.tolist(), labels=labels.tolist(),
                    class_names=index.class_names, good_label=good)
     return metrics

@@ -82,6 +82,24 @@ def anomaly_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[st
     }
 
 
+def add_intervals(metrics: dict[str, Any], scores: np.ndarray, labels: np.ndarray, good_label: int,
+                  resamples: int, confidence: float, seed: int = 0) -> dict[str, Any]:
+    """`metrics` with percentile-bootstrap intervals (stratified by good/defective) under "ci":
+    auroc, f1, recall (sensitivity), precision (ppv), specificity, from the evaluation layer."""
+    from vision_ft.evaluation.bootstrap import bootstrap_metrics
+
+    defect = (np.asarray(labels) != good_label).astype(np.int64)
+    if resamples <= 0 or defect.min() == defect.max():
+        return metrics  # no interval without both good and defective parts
+    scores = np.asarray(scores, dtype=np.float64)
+    intervals = bootstrap_metrics(defect, np.stack([1 - scores, scores], axis=1), is_defective(scores).astype(np.int64),
+                                  positive=1, n_resamples=resamples, confidence=confidence, seed=seed)
+    names = {"auroc": "auroc", "f1": "f1", "sensitivity": "recall", "ppv": "precision", "specificity": "specificity"}
+    metrics["ci"] = {ours: intervals[theirs] for theirs, ours in names.items() if theirs in intervals}
+    metrics["ci_confidence"] = confidence
+    return metrics
+
+
 def format_anomaly_summary(metrics: dict[str, Any]) -> str:
     """`auroc 0.912  f1 0.850 ...` for logs and the CLI."""
     parts = []

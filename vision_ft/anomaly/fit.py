@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vision_ft.anomaly.coreset import greedy_coreset
 from vision_ft.anomaly.data import AnomalyData, anomaly_splits
-from vision_ft.anomaly.evaluate import anomaly_metrics, format_anomaly_summary, score_loader, scoring_batch_size
+from vision_ft.anomaly.evaluate import add_intervals, anomaly_metrics, format_anomaly_summary, score_loader, scoring_batch_size
 from vision_ft.anomaly.features import PatchFeatureExtractor, build_extractor
 from vision_ft.anomaly.plots import plot_score_histogram
 from vision_ft.anomaly.reservoir import PatchReservoir
@@ -197,7 +197,9 @@ def _evaluate_splits(config: Config, run: RunFolder, data: AnomalyData, scorer: 
     run.plots.mkdir(exist_ok=True)
     for split, loader in loaders.items():
         scores, _, labels, _ = score_loader(scorer, loader, device, split)
-        metrics[split] = anomaly_metrics(scores, labels, names, data.good_label, config.anomaly.uncertain_band)
+        metrics[split] = add_intervals(anomaly_metrics(scores, labels, names, data.good_label, config.anomaly.uncertain_band),
+                                       scores, labels, data.good_label, config.eval.bootstrap_resamples,
+                                       config.eval.confidence, config.train.seed)
         defect = labels != data.good_label
         groups = {name: labels == i for i, name in enumerate(names) if i != data.good_label and (labels == i).any()}
         plot_score_histogram(scores, defect, run.plots / f"scores_{split}.png", f"{split} split", groups)

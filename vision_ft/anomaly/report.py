@@ -6,6 +6,7 @@ from typing import Any
 
 from vision_ft import __version__
 from vision_ft.config import Config
+from vision_ft.evaluation.bootstrap import format_with_ci
 from vision_ft.run_folder import RunFolder
 
 
@@ -44,14 +45,19 @@ def write_anomaly_report(run: RunFolder, config: Config, class_names: list[str],
     for split in ("val", "test"):
         if split in metrics:
             m = metrics[split]
-            lines.append(f"| {split} | {_fmt(m['auroc'])} | {_fmt(m['f1'])} | {_fmt(m['precision'])} | {_fmt(m['recall'])} "
+            ci = m.get("ci", {})
+            lines.append(f"| {split} | {format_with_ci(m['auroc'], ci.get('auroc'))} | {format_with_ci(m['f1'], ci.get('f1'))} "
+                         f"| {format_with_ci(m['precision'], ci.get('precision'))} | {format_with_ci(m['recall'], ci.get('recall'))} "
                          f"| {_fmt(m['false_positive_rate'])} | {m['num_good']} | {m['num_defective']} | {m['uncertain']} |")
     if "test" in metrics and metrics["test"]["per_defect_class"]:
         lines += ["", "## Recall per defect class (test)", "", "| class | recall | images |", "|---|---|---|"]
         for name, row in metrics["test"]["per_defect_class"].items():
             lines.append(f"| {name} | {row['recall']:.3f} | {row['support']} |")
-    lines += ["", "Confidence intervals: not computed yet (the bootstrap of the evaluation layer is not available).",
-              "", "## Plots", ""]
+    if any("ci" in metrics.get(split, {}) for split in ("val", "test")):
+        confidence = next(metrics[s]["ci_confidence"] for s in ("val", "test") if "ci" in metrics.get(s, {}))
+        lines += ["", f"In brackets: {confidence:.0%} percentile-bootstrap intervals ({config.eval.bootstrap_resamples} "
+                  "resamples, stratified by good/defective)."]
+    lines += ["", "## Plots", ""]
     lines += [f"![{png.stem}](plots/{png.name})" for png in sorted(run.plots.glob("*.png"))]
     lines += ["", "## Files", "", "- `config.yaml`, `split.json`: the resolved config and the exact split",
               "- `metrics.json`: val/test metrics; `checkpoints/best`: backbone, memory bank, threshold (safetensors) "

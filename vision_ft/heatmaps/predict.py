@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def is_anomaly_source(source: Path) -> bool:
     return is_anomaly_run(source)
 
 
-def _progress(total: int) -> "object":
+def _progress(total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty())
