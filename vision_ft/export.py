@@ -39,6 +39,7 @@ from vision_ft.data.discover import Sample
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.finetune.lora import lora_modules, merge_lora
 from vision_ft.heatmaps.cam import CAM_OUTPUT
 from vision_ft.heatmaps.cam_export import cam_classifier_for, check_cam_export
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
@@ -84,10 +85,6 @@ class ExportResult:
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """`model` with any LoRA adapters merged into plain layers (same outputs, no LoRA modules)."""
-    try:
-        from vision_ft.finetune.lora import lora_modules, merge_lora
-    except ImportError:  # a build without LoRA support cannot hold LoRA modules
-        return model
     if not any(True for _ in lora_modules(model)):
         return model
     merged = merge_lora(model)
