@@ -67,7 +67,7 @@ def main() -> None:
         run, seconds = vision_ft.load_run(out), float("nan")
     else:
         data = anomaly_folder(args.classifier_run, args.work / "elpv", args.work / "elpv-anomaly")
-        settings = {"task": "anomaly", "data.image_size": 224, "data.workers": 2}
+        settings = {"task": "anomaly", "data.image_size": 160, "data.workers": 2, "anomaly.max_patches": 20000}
         for text in args.overrides:
             key, value = text.split("=", 1)
             settings[key] = json.loads(value) if value.replace(".", "", 1).isdigit() else value

@@ -11,7 +11,6 @@ from vision_ft.anomaly.data import good_only_folder
 from vision_ft.anomaly.evaluate import add_intervals, anomaly_metrics, score_loader, scoring_batch_size
 from vision_ft.anomaly.model_file import load_anomaly_run
 from vision_ft.anomaly.plots import plot_score_histogram
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import discover
@@ -24,7 +23,6 @@ from vision_ft.run_model import default_device
 def evaluate_anomaly_run(run_dir: Path, data: Path, split: str | None = None, skip_bad_images: bool = False) -> dict[str, Any]:
     """Image-level anomaly metrics of a run on every image under `data` (or one split of it)."""
     device = default_device()
-    keep_freed_memory(device)
     loaded = load_anomaly_run(run_dir, device)
     cfg = loaded.config
     good_class = cfg.anomaly.good_class

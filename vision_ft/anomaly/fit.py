@@ -30,7 +30,6 @@ from vision_ft.anomaly.scorer import AnomalyScorer, support_sets
 from vision_ft.anomaly.threshold import choose_threshold
 from vision_ft.checkpoint import save_checkpoint
 from vision_ft.config import Config, save_config
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample
@@ -158,7 +157,6 @@ def _describe(data: AnomalyData) -> str:
 
 def _fit_and_evaluate(config: Config, run: RunFolder, data: AnomalyData) -> dict[str, Any]:
     device = default_device()
-    keep_freed_memory(device)
     torch.manual_seed(config.train.seed)
     log.info("run folder %s", run.root)
     log.info("anomaly data %s, fitted on '%s' only: %s", config.data.path, config.anomaly.good_class, _describe(data))

@@ -13,7 +13,6 @@ from vision_ft.anomaly.decision import anomaly_labels
 from vision_ft.anomaly.evaluate import score_loader, scoring_batch_size
 from vision_ft.anomaly.model_file import load_anomaly_run
 from vision_ft.anomaly.runtime import OnnxAnomalyDetector
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import build_loader
@@ -32,7 +31,6 @@ def anomaly_rows(images: list[Path], scores: np.ndarray, band: float) -> list[li
 def predict_anomaly_run(run_dir: Path, images: list[Path], batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(normalised scores, maps N x H x W, uncertain band) of a run's fitted model on `images`."""
     device = default_device()
-    keep_freed_memory(device)
     loaded = load_anomaly_run(run_dir, device)
     cfg = loaded.config
     dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
