@@ -3,7 +3,6 @@ and run folders identical to the command line's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -39,12 +38,10 @@ def test_train_stays_the_function_after_the_loop_module_is_imported():
     assert sys.modules["vision_ft.train"].train is loop_train
 
 
-def test_cross_validate_slot_says_what_is_missing():
-    if importlib.util.find_spec("vision_ft.cv") is None:
-        with pytest.raises(AttributeError, match="cross_validate is not in this version"):
-            vision_ft.cross_validate
-    else:
-        assert callable(vision_ft.cross_validate)
+def test_cross_validate_is_public():
+    from vision_ft.cv import cross_validate
+
+    assert vision_ft.cross_validate is cross_validate
 
 
 def test_dotted_and_nested_overrides_resolve_like_set():
