@@ -100,6 +100,14 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside its database (MLflow's own default is ./mlruns
+    in whatever folder the process runs in); a server keeps its own artifact root (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+
+
 def mlflow_name(name: str) -> str:
     """'lr/conv1+bn1' -> 'lr_conv1_bn1': MLflow metric names allow letters, digits and _ - . : / and
     spaces; layer-group names join modules with '+'."""
@@ -128,7 +136,7 @@ class MLflowLog(TrainingCallback):
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
-            artifacts = None if config.logging.mlflow_tracking_uri else (Path("mlruns") / "artifacts").resolve().as_uri()
+            artifacts = local_artifact_root(uri)
             experiment_id = self.client.create_experiment(config.logging.mlflow_experiment, artifact_location=artifacts)
         created = self.client.create_run(experiment_id, run_name=run.root.name,
                                          tags={"vision_ft.run_folder": str(run.root.resolve())})
