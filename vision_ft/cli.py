@@ -49,6 +49,7 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder given by --out from its last checkpoint.")] = False,
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out unreadable images with a warning.")] = False,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Wall-clock budget, e.g. 10m: epochs are planned to fit it, evaluation and export included.")] = None,
 ) -> None:
     """Fine-tune a backbone on labelled images and write a run folder."""
     from vision_ft.config import build_config, load_config, parse_override, validate_config
@@ -66,8 +67,8 @@ def train(
             if parts != ["train", "epochs"]:
                 raise VisionFTError(f"--resume continues with the run's saved config; only train.epochs may change, not '{text}'")
             saved["train"]["epochs"] = value
-        if config or data or model or weights:
-            raise VisionFTError("--resume continues with the run's saved config; drop --config/--data/--model/--weights")
+        if config or data or model or weights or budget:
+            raise VisionFTError("--resume continues with the run's saved config; drop --config/--data/--model/--weights/--budget")
         cfg = validate_config(saved, str(out))
     else:
         cfg = build_config(
@@ -77,6 +78,7 @@ def train(
             model_name=model,
             model_weights=weights,
             data_skip_bad_images=True if skip_bad_images else None,
+            train_time_budget=budget,
         )
         if out is None:
             if not cfg.data.path:
@@ -91,6 +93,28 @@ def train(
         for split in ("val", "test"):
             if split in result.metrics:
                 _echo_metrics(f"{split} (best epoch {result.best_epoch})", result.metrics[split])
+
+
+@app.command(name="lr-find")
+def lr_find(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a weights file.")] = None,
+    overrides: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the plot.")] = Path("lr_find.png"),
+    steps: Annotated[int, typer.Option("--steps", min=5, help="Optimizer steps of the range test.")] = 100,
+    start_lr: Annotated[float, typer.Option("--start-lr", help="First learning rate.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option("--end-lr", help="Last learning rate.")] = 1.0,
+) -> None:
+    """Learning-rate range test: a plot of the loss against a growing rate, and a suggested rate."""
+    from vision_ft.config import build_config
+    from vision_ft.lr_find import lr_range_test
+
+    cfg = build_config(config, overrides, data_path=str(data) if data else None, model_name=model, model_weights=weights)
+    result = lr_range_test(cfg, steps=steps, start_lr=start_lr, end_lr=end_lr, plot=out)
+    typer.echo(f"{len(result.lrs)} steps from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; plot: {out}")
+    typer.echo(f"suggested learning rate: {result.suggestion:.2g} (train with --set train.lr={result.suggestion:.2g})")
 
 
 @app.command(name="eval")
