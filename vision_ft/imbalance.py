@@ -8,11 +8,12 @@ unweighted defaults over-called the majority class: balanced accuracy 0.785 on t
 from __future__ import annotations
 
 import math
-from typing import Any
+from statistics import NormalDist
+
+import numpy as np
 
 # Smallest / largest class below this counts as imbalanced.
 IMBALANCE_RATIO = 1 / 3
-Z_95 = 1.959964
 
 
 def imbalance_ratio(counts: list[int]) -> float:
@@ -34,50 +35,42 @@ def choose_balance(setting: str, counts: list[int], class_names: list[str]) -> t
     return "none", f"no class balancing: {described}, not under {IMBALANCE_RATIO:.2f}"
 
 
-def balanced_accuracy_se(metrics: dict[str, Any]) -> float | None:
-    """Standard error of balanced accuracy: the mean of per-class recalls, each a binomial proportion.
-
-    Each recall is shrunk by one success and one failure ((k + 1) / (n + 2)) before its variance
-    is taken, so a perfect score on a small split does not claim zero uncertainty."""
-    per_class = metrics.get("per_class") or {}
-    terms = [(row["recall"], row["support"]) for row in per_class.values() if row.get("support")]
-    if not terms:
+def _standard_error(interval: dict[str, float | None], z: float, images: int) -> float | None:
+    """The interval's width read as a normal standard error, never below a binomial floor: a perfect
+    score on a small split resamples to a zero-width interval that claims certainty it lacks."""
+    if interval.get("low") is None or interval.get("high") is None or interval.get("value") is None:
         return None
-    shrunk = [((r * n + 1) / (n + 2), n) for r, n in terms]
-    variance = sum(p * (1 - p) / n for p, n in shrunk) / len(terms) ** 2
-    return math.sqrt(variance)
+    shrunk = (interval["value"] * images + 1) / (images + 2)  # one success and one failure added
+    floor = math.sqrt(shrunk * (1 - shrunk) / max(1, images))
+    return max((interval["high"] - interval["low"]) / (2 * z), floor)
 
 
-def auroc_se(auc: float, positives: int, negatives: int) -> float:
-    """Hanley & McNeil (1982) standard error of a binary ROC-AUC."""
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc))
-    return math.sqrt(max(variance, 0.0) / max(1, positives * negatives))
+def val_test_disagreements(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                           resamples: int = 2000, confidence: float = 0.95) -> list[str]:
+    """Sentences for each headline metric where val and test differ by more than their bootstrap
+    intervals allow (a two-sided test on the difference of two independent estimates).
 
+    `val` and `test` are (probabilities N x K, labels N); the intervals are the evaluation
+    layer's stratified percentile bootstrap, read as normal intervals for the test."""
+    from vision_ft.evaluation.bootstrap import bootstrap_metrics
 
-def _binary_counts(metrics: dict[str, Any]) -> tuple[int, int] | None:
-    per_class = list((metrics.get("per_class") or {}).values())
-    if len(per_class) != 2:
-        return None
-    return per_class[1]["support"], per_class[0]["support"]
-
-
-def val_test_disagreements(val: dict[str, Any], test: dict[str, Any]) -> list[str]:
-    """Sentences for each metric where val and test differ by more than their 95 % intervals allow
-    (a two-sided test on the difference of two independent estimates)."""
+    if resamples <= 0:
+        return []
+    z = float(NormalDist().inv_cdf(0.5 + confidence / 2))
+    val_ci = bootstrap_metrics(val[1], val[0], n_resamples=resamples, confidence=confidence)
+    test_ci = bootstrap_metrics(test[1], test[0], n_resamples=resamples, confidence=confidence)
     found = []
-    pairs = [("balanced accuracy", val.get("balanced_accuracy"), test.get("balanced_accuracy"),
-              balanced_accuracy_se(val), balanced_accuracy_se(test))]
-    val_counts, test_counts = _binary_counts(val), _binary_counts(test)
-    if val_counts and test_counts and val.get("auroc") is not None and test.get("auroc") is not None:
-        pairs.append(("ROC-AUC", val["auroc"], test["auroc"], auroc_se(val["auroc"], *val_counts),
-                      auroc_se(test["auroc"], *test_counts)))
-    for name, a, b, se_a, se_b in pairs:
-        if a is None or b is None or se_a is None or se_b is None:
+    for key, name in (("balanced_accuracy", "balanced accuracy"), ("auroc", "ROC-AUC")):
+        a, b = val_ci.get(key, {}), test_ci.get(key, {})
+        if a.get("value") is None or b.get("value") is None:
             continue
-        allowed = Z_95 * math.sqrt(se_a ** 2 + se_b ** 2)
-        if abs(a - b) > allowed:
-            found.append(f"val {name} {a:.3f} and test {b:.3f} differ by {abs(a - b):.3f}, more than the "
-                         f"{allowed:.3f} their 95 % intervals allow: the test images may come from a shifted population, "
-                         "or the checkpoint was picked on noise")
+        se_a, se_b = _standard_error(a, z, len(val[1])), _standard_error(b, z, len(test[1]))
+        if se_a is None or se_b is None:
+            continue
+        allowed = z * math.sqrt(se_a ** 2 + se_b ** 2)
+        gap = abs(a["value"] - b["value"])
+        if gap > allowed:
+            found.append(f"val {name} {a['value']:.3f} and test {b['value']:.3f} differ by {gap:.3f}, more than the "
+                         f"{allowed:.3f} their {confidence:.0%} intervals allow: the test images may come from a shifted "
+                         "population, or the checkpoint was picked on noise")
     return found

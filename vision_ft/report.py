@@ -38,10 +38,7 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
             m = metrics[split]
             lines.append(f"| {split} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['auroc'])} "
                          f"| {_fmt(m['accuracy'])} | {m['num_samples']} |")
-    if "val" in metrics and "test" in metrics:
-        from vision_ft.imbalance import val_test_disagreements
-
-        lines += [f"\n> **Warning:** {text}." for text in val_test_disagreements(metrics["val"], metrics["test"])]
+    lines += [f"\n> **Warning:** {text}." for text in metrics.get("warnings", [])]
     if notes:
         lines += ["", "## Settings chosen for this data", "", *[f"- {note}" for note in notes]]
     if "test" in metrics:

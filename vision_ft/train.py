@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vision_ft import distributed
+from vision_ft.callbacks import TrainingCallback, group_learning_rates
 from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_state, save_checkpoint
 from vision_ft.auto_config import auto_patience, resolve_auto
 from vision_ft.budget import BudgetPlanner, parse_duration
@@ -35,10 +37,12 @@ from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
+from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.ema import WeightAverage
+from vision_ft.imbalance import val_test_disagreements
 from vision_ft.errors import VisionFTError
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
@@ -102,11 +106,17 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
     if not config.data.path:
         raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
     index = discover(Path(config.data.path))
+    if config.data.group_by:
+        index.groups = assign_groups(index, config.data.group_by, config.data.path)
     for path, reason in index.skipped[:5]:
         log.warning("skipping %s: %s", path, reason)
     if len(index.skipped) > 5:
         log.warning("… and %d more non-image files skipped", len(index.skipped) - 5)
-    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
+    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed,
+                         config.data.allow_group_leak)
+    if index.groups:
+        log.info("grouped by %s: %d groups; class proportions %s", config.data.group_by, len(set(index.groups.values())),
+                 class_proportions(splits, index.class_names))
     every_path = [s.path for part in splits.values() for s in part]
     bad = find_bad_images(every_path, workers=max(1, config.data.workers))
     if bad:
@@ -329,11 +339,16 @@ def train(
     out: Path,
     force: bool = False,
     resume: bool = False,
+    callbacks: Sequence[TrainingCallback] = (),
 ) -> TrainResult:
-    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint."""
+    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint.
+
+    `callbacks` are called on the main process at each epoch's end and after the final
+    evaluation (see `vision_ft.callbacks`).
+    """
     context = distributed.setup()
     try:
-        return _train(config, Path(out), force, resume, context)
+        return _train(config, Path(out), force, resume, context, list(callbacks))
     finally:
         distributed.teardown(context)
 
@@ -371,12 +386,13 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
     return run, class_names, splits, validate_config(resolved), notes
 
 
-def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> TrainResult:
+def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
+           callbacks: list[TrainingCallback]) -> TrainResult:
     started = time.monotonic()  # a time budget counts from here: data checks included
     _setup_logging(context, None)
     run, class_names, splits, config, notes = _prepare_run(config, out, force, resume, context)
     try:
-        return _run_training(config, run, class_names, splits, resume, context, notes, started)
+        return _run_training(config, run, class_names, splits, resume, context, callbacks, notes, started)
     except VisionFTError:
         # A new run that failed before its first checkpoint (weights that do not fit, no network
         # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
@@ -385,10 +401,14 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
             _setup_logging(context, None)  # closes train.log before its folder goes
             shutil.rmtree(run.root, ignore_errors=True)
         raise
+    finally:
+        for callback in callbacks:
+            callback.close()
 
 
 def _run_training(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
-                  resume: bool, context: distributed.Context, notes: list[str], run_started: float) -> TrainResult:
+                  resume: bool, context: distributed.Context, callbacks: list[TrainingCallback],
+                  notes: list[str], run_started: float) -> TrainResult:
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
     keep_freed_memory(context.device)  # activations are re-allocated every step: keep them off the page-fault path
@@ -519,6 +539,8 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
                      format_summary({k[4:]: v for k, v in row.items() if k.startswith("val_")}), row["seconds"],
                      ("  *best*" + (" (weight average)" if chosen is not model else "")) if improved else "")
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, row, group_learning_rates(optimizer.param_groups))
         if budget is not None and epoch == 1:
             budget.epoch_seconds = time.time() - started
             _plan_epochs(budget, config, run, schedule, steps_per_epoch, epoch, context, notes)
@@ -535,6 +557,8 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
         metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config, notes)
         if budget is not None:
             log.info("time budget %.0f s: the run took %.0f s", budget.budget_s, budget.elapsed())
+        for callback in callbacks:
+            callback.on_train_end(metrics)
     distributed.barrier(context)
     return TrainResult(run.root, metrics, state["best_epoch"], state["epoch"], stopped_early)
 
@@ -546,13 +570,20 @@ def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, 
     load_model_weights(run.best, model)
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
+    predictions = {}
     for name, loader in eval_loaders.items():
         probs, labels = predict_loader(model, loader, context.device, amp_dtype, tta=config.eval.tta)
+        predictions[name] = (probs, labels)
         metrics[name] = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
         plot_confusion_matrix(metrics[name]["confusion_matrix"], class_names, run.plots / f"confusion_{name}.png",
                               f"{name} split, best checkpoint (epoch {state['best_epoch']})")
         log.info("%s (best checkpoint, epoch %d): %s", name, state["best_epoch"], format_summary(metrics[name]))
     metrics["best_epoch"] = state["best_epoch"]
+    if "val" in predictions and "test" in predictions:
+        metrics["warnings"] = val_test_disagreements(predictions["val"], predictions["test"],
+                                                     config.eval.bootstrap_resamples, config.eval.confidence)
+        for warning in metrics["warnings"]:
+            log.warning("warning: %s", warning)
     run.metrics.write_text(json.dumps(metrics, indent=1))
     if state["history"]:
         plot_training_curves(state["history"], run.plots / "training_curves.png", config.train.early_stopping.metric)
