@@ -66,3 +66,23 @@ def test_step_time_is_measured_after_the_warmup_steps(monkeypatch):
     known = [planner.record_step() for _ in range(11)]
     assert known[-1] and not any(known[:-1])
     assert planner.step_seconds == pytest.approx(0.5)  # the slow first steps are left out
+
+
+def test_a_tight_budget_trains_at_a_smaller_size_instead_of_too_few_epochs():
+    from vision_ft.budget import MIN_BUDGET_EPOCHS, size_for_budget
+
+    # 2.4 s a step at 224 px, 49 steps an epoch, 9 minutes: about 3 epochs would fit
+    smaller = size_for_budget(224, 2.4, 49, 540, stride=32, min_size=96)
+    assert smaller == 128 and (smaller / 224) ** 2 * 2.4 * 49 * MIN_BUDGET_EPOCHS <= 0.75 * 540
+    assert size_for_budget(224, 0.5, 49, 540, stride=32, min_size=96) == 224  # 16 epochs fit: keep the size
+    assert size_for_budget(224, 30.0, 49, 540, stride=32, min_size=96) == 96  # never below the minimum
+
+
+def test_the_probe_times_a_real_training_step():
+    import torch
+
+    from vision_ft.budget import probe_step_seconds
+
+    seconds = probe_step_seconds("resnet18", num_classes=2, channels=3, image_size=32, batch_size=16,
+                                 device=torch.device("cpu"))
+    assert seconds > 0

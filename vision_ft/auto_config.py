@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 from vision_ft.auto_size import choose_image_size
-from vision_ft.budget import BUDGET_MAX_FACTOR, auto_epochs
+from vision_ft.budget import (BUDGET_MAX_FACTOR, MIN_BUDGET_EPOCHS, auto_epochs, parse_duration, probe_step_seconds,
+                              size_for_budget)
 from vision_ft.config import Config
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import class_counts
@@ -37,6 +38,27 @@ def steps_per_epoch(train_images: int, batch_size: int, processes: int) -> int:
     return max(1, per_process // batch_size if per_process >= batch_size else 1)
 
 
+def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, processes: int) -> list[str]:
+    """Shrink an auto image size when the budget would buy fewer than MIN_BUDGET_EPOCHS epochs at it."""
+    from vision_ft.auto_size import MIN_SIZE, backbone_geometry
+    from vision_ft.run_model import default_device
+
+    _, stride, _ = backbone_geometry(config.model.name)
+    size = config.data.image_size
+    if size <= MIN_SIZE:
+        return []
+    budget_s = parse_duration(config.train.time_budget)
+    steps = steps_per_epoch(train_images, config.train.batch_size, processes)
+    step_s = probe_step_seconds(config.model.name, num_classes, config.data.channels, size, config.train.batch_size,
+                                default_device())
+    smaller = size_for_budget(size, step_s, steps, budget_s, stride, MIN_SIZE)
+    if smaller == size:
+        return []
+    config.data.image_size = smaller
+    return [f"data.image_size {smaller} px instead of {size} px: a step took {step_s:.2f} s at {size} px, so the "
+            f"{config.train.time_budget} budget would buy fewer than {MIN_BUDGET_EPOCHS} epochs of {steps} steps"]
+
+
 def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: list[str],
                  processes: int = 1) -> tuple[Config, list[str]]:
     """A copy of `config` with no `auto` left, and one sentence per choice made."""
@@ -48,6 +70,8 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
         choice = choose_image_size(paths, resolved.model.name, seed=data.split_seed)
         data.image_size = choice.size
         notes.append(f"data.image_size {choice.reason}")
+        if train.time_budget:
+            notes += _fit_size_to_budget(resolved, len(splits["train"]), len(class_names), processes)
     mode, why = choose_balance(data.balance, class_counts(splits["train"], len(class_names)), class_names)
     data.balance = mode
     notes.append(f"data.balance {mode}: {why}")
