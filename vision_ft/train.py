@@ -42,8 +42,9 @@ from vision_ft.data.loaders import build_loader, class_counts
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.ema import WeightAverage
+from vision_ft.errors import TrainingDiverged, VisionFTError
+from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.imbalance import val_test_disagreements
-from vision_ft.errors import VisionFTError
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.metrics import compute_metrics, format_summary
@@ -222,7 +223,7 @@ def _train_one_epoch(
             logits = model(images).float()
             loss = loss_fn(logits, labels)
         if not torch.isfinite(loss):
-            raise VisionFTError(
+            raise TrainingDiverged(
                 f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower train.lr "
                 f"(now {config.train.lr}) or keep train.grad_clip set"
             )
@@ -392,6 +393,7 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
     _setup_logging(context, None)
     run, class_names, splits, config, notes = _prepare_run(config, out, force, resume, context)
     try:
+        callbacks = [*open_experiment_logs(run, config, context.is_main), *callbacks]
         return _run_training(config, run, class_names, splits, resume, context, callbacks, notes, started)
     except VisionFTError:
         # A new run that failed before its first checkpoint (weights that do not fit, no network
