@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .conv_shape import conv_output_size
+
 __all__ = ["tap_gemm_conv2d", "tap_gemm_weight_grad"]
 
 
@@ -48,7 +50,7 @@ def _tap_slices(in_hw: tuple[int, int], out_hw: tuple[int, int], tap: tuple[int,
 
 def _output_size(in_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
-    return tuple((in_hw[a] + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) // stride[a] + 1 for a in range(2))
+    return tuple(conv_output_size(in_hw[a], kernel[a], stride[a], padding[a], dilation[a]) for a in range(2))
 
 
 def tap_gemm_conv2d(x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],

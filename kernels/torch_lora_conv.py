@@ -54,10 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .reference import lora_delta_weight
 from .tap_gemm import tap_gemm_conv2d, tap_gemm_weight_grad
 
-__all__ = ["torch_lora_conv2d", "grouped_lora_conv2d", "clear_effective_weight_cache"]
+__all__ = ["torch_lora_conv2d", "grouped_lora_conv2d", "lora_delta_weight"]
 
 # 1x1 convs with at least this many pixels per image take the GEMM route. Measured on
 # tf_efficientnet_lite0's 1x1 convs (batch 32, two threads), forward and input gradient:
@@ -74,6 +73,11 @@ WEIGHT_GRAD_COST_RATIO = 1.5
 # Stride-1 k x k convs on CPU with at least this many pixels per image compute their rank-r
 # products (u and dA) as tap-stacked GEMMs (see tap_gemm.py): faster from 8x8 up, not at 4x4.
 TAP_GEMM_MIN_PIXELS = 64
+
+
+def lora_delta_weight(weight_shape: torch.Size | tuple[int, ...], lora_a: Tensor, lora_b: Tensor) -> Tensor:
+    """B @ A as a conv weight of `weight_shape` (unscaled): W's exact shape for any groups."""
+    return (lora_b @ lora_a.reshape(lora_a.shape[0], -1)).reshape(weight_shape)
 
 
 def _version_key(tensor: Tensor) -> tuple[int, int] | None:
@@ -95,12 +99,6 @@ class _CachedWeight:
 
 # Keyed by the lora_a tensor itself (by identity), so entries die with their adapter.
 _effective_weights: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def clear_effective_weight_cache() -> None:
-    """Drop every cached W_eff. Only needed after editing a frozen W through `.data`, which
-    bypasses the version counter the cache checks W by."""
-    _effective_weights.clear()
 
 
 def _merge(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:

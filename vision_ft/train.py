@@ -33,7 +33,6 @@ from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_
 from vision_ft.auto_config import auto_patience, resolve_auto
 from vision_ft.budget import BudgetPlanner, parse_duration
 from vision_ft.config import Config, save_config, validate_config
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
@@ -413,7 +412,6 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
                   notes: list[str], run_started: float) -> TrainResult:
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
-    keep_freed_memory(context.device)  # activations are re-allocated every step: keep them off the page-fault path
     log.info("run folder %s", run.root)
     log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
     for note in notes:

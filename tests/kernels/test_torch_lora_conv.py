@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import vision_ft_kernels.dispatch as dispatch
 from vision_ft_kernels import lora_conv2d, requested_lora_backend, resolve_lora_backend, set_lora_backend
-from vision_ft_kernels.reference import low_rank_grouped_lora_conv2d, reference_lora_conv2d
+from tests.kernels.reference import low_rank_grouped_lora_conv2d, reference_lora_conv2d
 from vision_ft_kernels.tap_gemm import tap_gemm_conv2d, tap_gemm_weight_grad
 import vision_ft_kernels.torch_lora_conv as torch_path
 from vision_ft_kernels.torch_lora_conv import torch_lora_conv2d
@@ -341,7 +342,7 @@ def test_torch_entry_point_equals_dispatch(clean_backend):
 _INTERPRETED_TRITON_CHECK = """
 import torch
 from vision_ft_kernels import lora_conv2d, resolve_lora_backend
-from vision_ft_kernels.reference import reference_lora_conv2d
+from tests.kernels.reference import reference_lora_conv2d
 g = torch.Generator().manual_seed(0)
 x = torch.randn(1, 4, 6, 5, generator=g, requires_grad=True)
 weight, bias = torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, generator=g)
@@ -368,5 +369,5 @@ def test_explicit_triton_runs_the_kernel_under_the_interpreter():
         pytest.skip(f"Triton kernel not importable: {dispatch._triton_import_error}")
     env = {**os.environ, "TRITON_INTERPRET": "1", dispatch.ENV_VAR: "auto"}
     result = subprocess.run([sys.executable, "-c", _INTERPRETED_TRITON_CHECK], env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
