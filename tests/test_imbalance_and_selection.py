@@ -68,15 +68,17 @@ class _LeftHalf(nn.Module):
         return torch.stack([left, -left], dim=1)
 
 
-def test_flip_tta_averages_each_image_and_its_mirror():
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
     images = torch.zeros(2, 1, 4, 4)
     images[..., :2] = 1.0  # bright left half
     loader = DataLoader(TensorDataset(images, torch.tensor([0, 0])), batch_size=2)
     plain, _ = predict_loader(_LeftHalf(), loader, torch.device("cpu"))
     flipped, _ = predict_loader(_LeftHalf(), loader, torch.device("cpu"), tta="flip")
-    mirror = torch.softmax(torch.tensor([[0.0, 0.0]]), 1).numpy()
     assert plain[0, 0] > 0.8
-    assert np.allclose(flipped[0], (plain[0] + mirror[0]) / 2)
+    # the mirror's bright half is on the right: logits [0, 0]; the mean of the two logit pairs
+    left = float(images[0, ..., :2].mean())
+    expected = torch.softmax(torch.tensor([left / 2, -left / 2]), 0).numpy()
+    assert np.allclose(flipped[0], expected, atol=1e-6)
 
 
 def test_learning_rate_defaults_follow_strategy_and_batch():

@@ -258,9 +258,11 @@ class Run:
                 batch_size: int | None = None) -> list[Prediction]:
         """A `vision_ft.runtime.Prediction` (label, score, top_class, probabilities) per image; below
         `threshold` the label is 'uncertain', as in the ONNX runtime."""
+        from vision_ft.evaluation.run_evaluation import load_decision_rule
         from vision_ft.run_predict import predictions
 
-        return predictions(self.predict_proba(images, batch_size), self.class_names, threshold)
+        rule = load_decision_rule(self.path, self.class_names)  # operating thresholds chosen on val
+        return predictions(self.predict_proba(images, batch_size), self.class_names, threshold, rule)
 
     def export(
         self,

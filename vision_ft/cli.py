@@ -84,6 +84,39 @@ def train(
         for split in ("val", "test"):
             if split in metrics:
                 _echo_metrics(f"{split} (best epoch {metrics['best_epoch']})", metrics[split])
+        from vision_ft.evaluation.run_evaluation import summary_lines
+
+        for line in summary_lines(metrics):  # intervals, calibration, operating point
+            typer.echo(line)
+
+
+@app.command()
+def cv(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders or CSV manifest (pre-split data is pooled).")] = None,
+    folds: Annotated[int, typer.Option("--folds", help="Number of folds; fold k is the test set of run OUT/fold-k.")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", help="Repeat the fold assignment with other shuffles.")] = 1,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Repeat whole runs with these training seeds, e.g. 0,1,2.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="CV folder (resumed when it exists).")] = Path("CV"),
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub', 'none', or a weights file.")] = None,
+    overrides: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Start the CV folder again instead of resuming it.")] = False,
+) -> None:
+    """Stratified (grouped) k-fold cross-validation: one run folder per fold, a summary with intervals."""
+    from vision_ft.config import build_config
+    from vision_ft.cv import cross_validate
+    from vision_ft.cv_report import cv_table
+
+    try:
+        seed_list = [int(part) for part in seeds.split(",")] if seeds else None
+    except ValueError:
+        raise VisionFTError(f"--seeds {seeds!r} must be integers separated by commas, e.g. 0,1,2") from None
+    cfg = build_config(config, overrides, data_path=str(data) if data else None, model_name=model, model_weights=weights)
+    result = cross_validate(cfg, out, folds=folds, repeats=repeats, seeds=seed_list, force=force)
+    for line in cv_table(result.summary):
+        typer.echo(line)
+    typer.echo(f"CV folder: {result.out} (summary.json, report.md, oof_predictions.csv)")
 
 
 @app.command(name="lr-find")
@@ -156,6 +189,10 @@ def eval_command(
         raise VisionFTError(f"--checkpoint must be 'best' or 'last', not '{checkpoint}'")
     metrics = vision_ft.load_run(run).evaluate(data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
     _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
+    from vision_ft.evaluation.run_evaluation import summary_lines
+
+    for line in summary_lines({**metrics, "test": metrics}):  # intervals, calibration
+        typer.echo(line)
     if out:
         write_eval_outputs(metrics, list(metrics["per_class"]), out)
         typer.echo(f"metrics written to {out}")
@@ -180,8 +217,9 @@ def predict(
 ) -> None:
     """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
     import vision_ft
+    from vision_ft.evaluation.run_evaluation import load_decision_rule
     from vision_ft.predict import collect_images, prediction_header, prediction_rows, write_predictions_csv
-    from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
+    from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model
 
     check_threshold(threshold)
     if _is_onnx_model(source):
@@ -192,14 +230,16 @@ def predict(
         class_names = model.class_names
         with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
             probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
+        rule = model.rule
     else:
         run = vision_ft.load_run(source)
         images = collect_images(path)
         class_names = run.class_names
-        probs = run.predict_proba(images, batch_size)
+        probs = run.predict_proba(images, batch_size)  # with the run's temperature, as the runtime
+        rule = load_decision_rule(run.path, class_names)
     top_k = max(1, min(top_k, len(class_names)))
-    header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k)
-    rows = mark_uncertain(rows, threshold)
+    # Labels by the run's operating thresholds; --threshold marks low-confidence images on top.
+    header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k, rule, threshold)
     if out:
         write_predictions_csv(out, header, rows)
         typer.echo(f"{len(rows)} predictions written to {out}")
@@ -292,6 +332,9 @@ def _usage_error_line(exc: Exception, argv: list[str]) -> str:
     return f"{message}; see '{command} --help'"
 
 
+_INTERRUPTED = "interrupted; continue a training run with --resume --out RUN, a search by running the same tune command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vision-ft` script; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -310,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_usage_error_line(exc, argv if argv is not None else sys.argv[1:])}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
+        typer.echo(_INTERRUPTED, err=True)
         return 130
     except RuntimeError as exc:
         if "Original Traceback" in str(exc) and "VisionFTError" in str(exc):
@@ -318,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     if result == 130:
-        typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
+        typer.echo(_INTERRUPTED, err=True)
     return result if isinstance(result, int) else 0
 
 

@@ -224,8 +224,8 @@ class TuneConfig(_Strict):
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] | None = None
     trials: int | None = Field(None, ge=1)  # total trials in the study (resumed searches count earlier ones)
     timeout: float | None = Field(None, gt=0)  # seconds for this invocation
-    # The median pruner compares a trial with earlier ones only after this many finished trials
-    # and from this epoch on: too early a comparison kills slow starters.
+    # Random trials before TPE models the space and before the median pruner compares a trial
+    # with earlier ones; the pruner also waits warmup_epochs: too early a comparison kills slow starters.
     startup_trials: int = Field(3, ge=0)
     warmup_epochs: int = Field(1, ge=0)
 

@@ -39,6 +39,7 @@ from vision_ft.data.discover import Sample
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.finetune.lora import lora_modules, merge_lora
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
@@ -164,6 +165,7 @@ def run_metadata(loaded: LoadedRun) -> ModelMetadata:
         vision_ft_version=vision_ft.__version__,
         split_fingerprint=split_fingerprint(splits),
         finetune_strategy=cfg.finetune.strategy,
+        decision=load_decision_rule(loaded.run.root, list(loaded.class_names)).to_json(list(loaded.class_names)),
     )
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from vision_ft import __version__
 from vision_ft.config import Config
+from vision_ft.evaluation.run_evaluation import report_section
 from vision_ft.run_folder import RunFolder
 
 
@@ -38,6 +39,7 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
             m = metrics[split]
             lines.append(f"| {split} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['auroc'])} "
                          f"| {_fmt(m['accuracy'])} | {m['num_samples']} |")
+    lines += report_section(metrics)
     lines += [f"\n> **Warning:** {text}." for text in metrics.get("warnings", [])]
     if notes:
         lines += ["", "## Settings chosen for this data", "", *[f"- {note}" for note in notes]]

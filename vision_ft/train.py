@@ -38,10 +38,16 @@ from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
 from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts
-from vision_ft.data.split import load_split, make_splits, save_split
+from vision_ft.data.split import load_split, load_split_groups, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.ema import WeightAverage
 from vision_ft.errors import TrainingDiverged, VisionFTError
+from vision_ft.evaluation.run_evaluation import (
+    SplitPredictions,
+    check_eval_config,
+    evaluate_run_predictions,
+    summary_lines,
+)
 from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.imbalance import val_test_disagreements
 from vision_ft.finetune.build import build_strategy, check_strategy
@@ -145,6 +151,29 @@ def _describe_split(class_names: list[str], splits: dict[str, list[Sample]]) -> 
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    tta: str = "none",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels for every batch of `loader`; with `tta="flip"` the mean of each
+    image's and its horizontal mirror's logits."""
+    model.eval()
+    all_logits, all_labels = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images).float()
+            if tta == "flip":
+                logits = (logits + model(images.flip(-1)).float()) / 2
+        all_logits.append(logits.cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
 def predict_loader(
     model: nn.Module,
     loader: Any,
@@ -152,24 +181,16 @@ def predict_loader(
     amp_dtype: torch.dtype | None = None,
     tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels for every batch of `loader` (with `tta="flip"`, the mean of
-    each image's and its horizontal mirror's)."""
-    model.eval()
-    all_probs, all_labels = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        with autocast:
-            probs = torch.softmax(model(images).float(), dim=1)
-            if tta == "flip":
-                probs = (probs + torch.softmax(model(images.flip(-1)).float(), dim=1)) / 2
-        all_probs.append(probs.cpu())
-        all_labels.append(labels)
-    return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
+    """Softmax probabilities and labels for every batch of `loader` (`tta` as in `predict_logits`)."""
+    logits, labels = predict_logits(model, loader, device, amp_dtype, tta)
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy(), labels
 
 
 def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
     """Metrics plus the mean cross-entropy, from predicted probabilities."""
+    if not np.isfinite(probs).all():
+        raise TrainingDiverged("the model's outputs are NaN or infinite: its weights diverged; "
+                               "train again with a lower train.lr (or keep train.grad_clip set)")
     metrics = compute_metrics(labels, probs, class_names)
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     nll = -logp[np.arange(len(labels)), labels]
@@ -372,6 +393,7 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 config, notes = resolve_auto(config, splits, class_names, context.world_size)
                 check_input_size(config.model.name, len(class_names), config.data.channels, config.data.image_size)
                 check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
+                check_eval_config(config.eval, class_names)  # eval.positive_class etc. name real classes
                 run = create_run_folder(out, force=force)
                 save_config(config, run.config)
                 save_split(run.split, splits, index, config.data.split_seed)
@@ -570,15 +592,24 @@ def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, 
     load_model_weights(run.best, model)
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
+    outputs: dict[str, SplitPredictions] = {}
     predictions = {}
+    groups = load_split_groups(run.split)
     for name, loader in eval_loaders.items():
-        probs, labels = predict_loader(model, loader, context.device, amp_dtype, tta=config.eval.tta)
+        logits, labels = predict_logits(model, loader, context.device, amp_dtype, tta=config.eval.tta)
+        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
         predictions[name] = (probs, labels)
         metrics[name] = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
+        paths = [s.path for s in loader.dataset.samples]
+        outputs[name] = SplitPredictions(logits, labels, [str(p) for p in paths],
+                                         [groups[p] for p in paths] if groups else None)
         plot_confusion_matrix(metrics[name]["confusion_matrix"], class_names, run.plots / f"confusion_{name}.png",
                               f"{name} split, best checkpoint (epoch {state['best_epoch']})")
         log.info("%s (best checkpoint, epoch %d): %s", name, state["best_epoch"], format_summary(metrics[name]))
     metrics["best_epoch"] = state["best_epoch"]
+    metrics.update(evaluate_run_predictions(run.root, config, class_names, outputs))  # CIs, calibration, thresholds
+    for line in summary_lines(metrics):
+        log.info("%s", line)
     if "val" in predictions and "test" in predictions:
         metrics["warnings"] = val_test_disagreements(predictions["val"], predictions["test"],
                                                      config.eval.bootstrap_resamples, config.eval.confidence)

@@ -21,7 +21,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=900)
+                          env={**os.environ, **env}, timeout=1800)
 
 
 def test_without_cuda_it_stops_at_once_with_one_clear_line(tmp_path: Path) -> None:
@@ -39,7 +39,8 @@ def test_dry_run_writes_both_result_files_without_pydantic_or_albumentations(tmp
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('gpu_check must not need {name}')\n")
     out = tmp_path / "results"
-    done = _run(["--dry-run", "--out-dir", str(out)], tmp_path, PYTHONPATH=str(blocked))
+    # The interpreter is slow, and slower on a loaded machine: the 8-minute budget is for GPUs.
+    done = _run(["--dry-run", "--budget-s", "1500", "--out-dir", str(out)], tmp_path, PYTHONPATH=str(blocked))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads((out / "gpu_check_cpu-triton-interpreter-dry-run.json").read_text())

@@ -28,11 +28,15 @@ def test_chosen_threshold_reaches_the_target_on_validation(scores, flags, target
         return
     t = threshold_for_sensitivity(is_positive, scores, target)
     assert binary_rates(is_positive, scores >= t)["sensitivity"] >= target - 1e-9
+    assert not np.any(scores == t)  # between two scores: no image sits on the threshold
     higher = scores[scores > t]
-    if len(higher):  # the next higher threshold would miss the target: t is the tightest
-        assert binary_rates(is_positive, scores >= higher.min())["sensitivity"] < target
+    if len(higher):  # past the next score up the target is missed: t is the tightest
+        assert binary_rates(is_positive, scores >= np.nextafter(higher.min(), 2))["sensitivity"] < target
     t = threshold_for_specificity(is_positive, scores, target)
     assert binary_rates(is_positive, scores >= t)["specificity"] >= target - 1e-9
+    lower = scores[scores < t]
+    if len(lower) and np.any(~is_positive & (scores < t)):  # one score lower and specificity drops below target
+        assert binary_rates(is_positive, scores >= lower.max())["specificity"] < target
 
 
 def test_class_recall_thresholds_and_uncertain_images():
