@@ -52,6 +52,11 @@ def set_options(texts: list[str] | None) -> dict[str, object]:
 def _echo_metrics(title: str, metrics: dict) -> None:
     from vision_ft.metrics import format_summary
 
+    if "per_defect_class" in metrics:  # an anomaly run
+        from vision_ft.anomaly.evaluate import format_anomaly_summary
+
+        typer.echo(f"{title}: {format_anomaly_summary(metrics)}")
+        return
     typer.echo(f"{title}: {format_summary(metrics)}")
 
 
@@ -67,11 +72,12 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder given by --out from its last checkpoint.")] = False,
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out unreadable images with a warning.")] = False,
     budget: Annotated[Optional[str], typer.Option("--budget", help="Wall-clock budget, e.g. 10m: epochs are planned to fit it, evaluation and export included.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="classification (default) or anomaly: fit on good parts only.")] = None,
 ) -> None:
     """Fine-tune a backbone on labelled images and write a run folder."""
     import vision_ft
 
-    settings = set_options(overrides)
+    settings = set_options(overrides) | ({"task": task} if task is not None else {})
     if budget is not None:
         settings["train.time_budget"] = budget
     run = vision_ft.train(data=data, model=model, out=out, config=config, resume=resume, weights=weights,
@@ -83,7 +89,9 @@ def train(
         metrics = run.metrics
         for split in ("val", "test"):
             if split in metrics:
-                _echo_metrics(f"{split} (best epoch {metrics['best_epoch']})", metrics[split])
+                # An anomaly run is fitted in one pass: no epoch to name.
+                title = f"{split} (best epoch {metrics['best_epoch']})" if "best_epoch" in metrics else split
+                _echo_metrics(title, metrics[split])
         from vision_ft.evaluation.run_evaluation import summary_lines
 
         for line in summary_lines(metrics):  # intervals, calibration, operating point
@@ -187,6 +195,15 @@ def eval_command(
 
     if checkpoint not in ("best", "last"):
         raise VisionFTError(f"--checkpoint must be 'best' or 'last', not '{checkpoint}'")
+    if vision_ft.load_run(run).config.task == "anomaly":
+        from vision_ft.anomaly.eval_run import evaluate_anomaly_run, write_anomaly_eval_outputs
+
+        metrics = evaluate_anomaly_run(run, data, split=split, skip_bad_images=skip_bad_images)
+        _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
+        if out:
+            write_anomaly_eval_outputs(metrics, out)
+            typer.echo(f"metrics written to {out}")
+        return
     metrics = vision_ft.load_run(run).evaluate(data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
     _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
     from vision_ft.evaluation.run_evaluation import summary_lines
@@ -214,14 +231,21 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Label images whose top score is below this probability 'uncertain' (for manual inspection).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(
+        "--heatmaps", help="Also write each image with its heatmap overlaid (PNG) into this folder: anomaly maps, or class activation maps.")] = None,
 ) -> None:
     """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
     import vision_ft
     from vision_ft.evaluation.run_evaluation import load_decision_rule
-    from vision_ft.predict import collect_images, prediction_header, prediction_rows, write_predictions_csv
-    from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model
+    from vision_ft.heatmaps.predict import is_anomaly_source, predict_and_draw
+    from vision_ft.predict import collect_images, prediction_header, prediction_rows
+    from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
 
     check_threshold(threshold)
+    if heatmaps is not None or is_anomaly_source(source):
+        header, rows = predict_and_draw(source, path, heatmaps, top_k, batch_size, threshold, echo=typer.echo)
+        _write_rows(out, header, rows if is_anomaly_source(source) else mark_uncertain(rows, threshold))
+        return
     if _is_onnx_model(source):
         from tqdm import tqdm
 
@@ -240,6 +264,12 @@ def predict(
     top_k = max(1, min(top_k, len(class_names)))
     # Labels by the run's operating thresholds; --threshold marks low-confidence images on top.
     header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k, rule, threshold)
+    _write_rows(out, header, rows)
+
+
+def _write_rows(out: Optional[Path], header: list[str], rows: list[list[str]]) -> None:
+    from vision_ft.predict import write_predictions_csv
+
     if out:
         write_predictions_csv(out, header, rows)
         typer.echo(f"{len(rows)} predictions written to {out}")

@@ -365,8 +365,20 @@ def train(
     """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint.
 
     `callbacks` are called on the main process at each epoch's end and after the final
-    evaluation (see `vision_ft.callbacks`).
+    evaluation (see `vision_ft.callbacks`). An anomaly config (`task: anomaly`) is fitted by
+    `vision_ft.anomaly.fit` instead: one pass, no epochs, no callbacks.
     """
+    if config.task == "anomaly":
+        from vision_ft.anomaly.fit import train_anomaly
+
+        if resume:
+            raise VisionFTError("an anomaly run is fitted in one pass and cannot be resumed; start it again with --force")
+        if config.data.image_size == "auto":  # anomaly features keep the backbone's pretraining size
+            from vision_ft.auto_size import backbone_geometry
+
+            config = config.model_copy(deep=True)
+            config.data.image_size = backbone_geometry(config.model.name)[0]
+        return train_anomaly(config, Path(out), force=force)
     context = distributed.setup()
     try:
         return _train(config, Path(out), force, resume, context, list(callbacks))
