@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,12 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def mlflow_name(name: str) -> str:
+    """'lr/conv1+bn1' -> 'lr_conv1_bn1': MLflow metric names allow letters, digits and _ - . : / and
+    spaces; layer-group names join modules with '+'."""
+    return re.sub(r"[^A-Za-z0-9_\-. :]", "_", name.replace("/", "_"))
+
+
 class MLflowLog(TrainingCallback):
     """Params (the resolved config), per-epoch metrics and, at the end, the run folder's files."""
 
@@ -136,7 +143,7 @@ class MLflowLog(TrainingCallback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name.replace("/", "_"), value, now, step) for name, value in values.items()]
+        metrics = [Metric(mlflow_name(name), value, now, step) for name, value in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def on_epoch_end(self, epoch: int, row: dict[str, Any], learning_rates: dict[str, float]) -> None:
