@@ -242,6 +242,10 @@ class Run:
 
         if checkpoint not in ("best", "last"):
             raise VisionFTError(f"checkpoint must be 'best' or 'last', not '{checkpoint}'")
+        if self.config.task == "anomaly":  # image-level anomaly metrics: auroc, f1, recall per defect class
+            from vision_ft.anomaly.eval_run import evaluate_anomaly_run
+
+            return evaluate_anomaly_run(self.path, Path(data), split=split, skip_bad_images=skip_bad_images)
         return evaluate_run(self.path, Path(data), split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
 
     def predict_proba(self, images: PathLike | Sequence[ImageInput], batch_size: int | None = None) -> np.ndarray:

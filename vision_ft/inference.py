@@ -52,11 +52,12 @@ def eval_loader(samples: list[Sample], config: Config, mean: list[float], std: l
 
 @torch.no_grad()
 def infer(model: nn.Module, loader: Iterable[Any], device: torch.device | None = None,
-          amp_dtype: torch.dtype | None = None, progress: str | None = None) -> Outputs:
+          amp_dtype: torch.dtype | None = None, progress: str | None = None, tta: str = "none") -> Outputs:
     """Logits and labels for every batch of `loader`, with the model in eval mode.
 
     `device` defaults to the model's; `amp_dtype` runs the forward under autocast (logits come
-    back in float32 either way); `progress` names a tqdm bar shown on an interactive terminal.
+    back in float32 either way); `progress` names a tqdm bar shown on an interactive terminal;
+    `tta="flip"` averages each image's logits with its horizontal mirror's (eval.tta).
     """
     model.eval()
     device = device if device is not None else next(model.parameters()).device
@@ -64,9 +65,12 @@ def infer(model: nn.Module, loader: Iterable[Any], device: torch.device | None =
     batches = tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty())
     all_logits, all_labels = [], []
     for images, labels in batches:
+        images = images.to(device, non_blocking=True)
         with autocast:
-            logits = model(images.to(device, non_blocking=True))
-        all_logits.append(logits.float().cpu())
+            logits = model(images).float()
+            if tta == "flip":
+                logits = (logits + model(images.flip(-1)).float()) / 2
+        all_logits.append(logits.cpu())
         all_labels.append(torch.as_tensor(labels))
     if not all_logits:
         return Outputs(np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64))

@@ -159,6 +159,26 @@ class OnnxClassifier:
         meta = self.metadata
         return self.session.run([meta.output_name], {meta.input_name: batch})[0]
 
+    def probabilities_and_maps(self, images: Sequence[ImageSource], batch_size: int = DEFAULT_BATCH_SIZE,
+                               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(probabilities N x classes, each image's class activation map for its top class, h x w)
+        of a model exported with a 'cam' output (CNN classifiers with a pooling + linear head)."""
+        meta = self.metadata
+        cam_output = meta.extra.get("cam_output")
+        if not cam_output:
+            raise VisionFTError(f"{self.source} has no class-activation-map output; export the run again "
+                                "(CNN classifiers with a pooling + linear head get one), or draw heatmaps from the run folder")
+        probs, maps = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start:start + batch_size])
+            logits, cams = self.session.run([meta.output_name, cam_output], {meta.input_name: self.preprocess(chunk)})
+            batch_probs = softmax(logits)
+            probs.append(batch_probs)
+            maps.extend(cams[np.arange(len(cams)), batch_probs.argmax(1)])
+            if progress is not None:
+                progress(len(chunk))
+        return (np.concatenate(probs) if probs else np.zeros((0, len(meta.class_names)))), maps
+
     def predict_proba(
         self,
         images: Sequence[ImageSource],
@@ -220,6 +240,10 @@ def load_model(
     """
     session = open_session(path, threads, providers)
     metadata = ModelMetadata.from_properties(session.get_modelmeta().custom_metadata_map, str(path))
+    if metadata.extra.get("task") == "anomaly":
+        from vision_ft.anomaly.runtime import OnnxAnomalyDetector
+
+        return OnnxAnomalyDetector(session, metadata, str(path), decode_workers)
     return OnnxClassifier(session, metadata, str(path), decode_workers)
 
 

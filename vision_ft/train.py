@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,7 +35,9 @@ from tqdm import tqdm
 from vision_ft import distributed
 from vision_ft.callbacks import TrainingCallback, group_learning_rates
 from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_state, save_checkpoint
-from vision_ft.config import Config, save_config
+from vision_ft.auto_config import auto_patience, resolve_auto
+from vision_ft.budget import BudgetPlanner, parse_duration
+from vision_ft.config import Config, save_config, validate_config
 from vision_ft.data.bad_images import unreadable_images
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample, discover
@@ -43,6 +45,7 @@ from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts
 from vision_ft.data.split import load_split, load_split_groups, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
+from vision_ft.ema import WeightAverage
 from vision_ft.errors import TrainingDiverged, VisionFTError
 from vision_ft.evaluation.run_evaluation import (
     SplitPredictions,
@@ -51,17 +54,19 @@ from vision_ft.evaluation.run_evaluation import (
     summary_lines,
 )
 from vision_ft.experiment_log import open_experiment_logs
+from vision_ft.imbalance import val_test_disagreements
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.inference import eval_loader, evaluate_outputs, infer
 from vision_ft.metrics import format_summary
 from vision_ft.models.create import check_model_name
+from vision_ft.models.input_size import check_input_size
 from vision_ft.plots import plot_confusion_matrix, plot_training_curves
 from vision_ft.report import write_report
 from vision_ft.run_folder import RunFolder, create_run_folder, open_run_folder
 from vision_ft.run_model import build_model, normalisation
 from vision_ft.schedule import apply_learning_rates
-from vision_ft.training_state import TrainingState
+from vision_ft.training_state import TrainingState, is_better
 
 log = logging.getLogger("vision_ft")
 
@@ -165,6 +170,10 @@ class TrainingLoop:
     std: list[float]
     wrapped: nn.Module | None = None  # what the training step calls: the model, under DDP when distributed
     callbacks: list[TrainingCallback] = field(default_factory=list)  # told of each epoch's end and the final metrics
+    average: WeightAverage | None = None  # moving average of the weights (train.ema), a selection candidate
+    budget: BudgetPlanner | None = None  # train.time_budget: plans the epochs that fit
+    notes: list[str] = field(default_factory=list)  # what the `auto` settings chose, for the log and report
+    after_step: Callable[[int], None] | None = None  # called after every optimizer step (average, budget timing)
 
     def rewrap(self) -> None:
         """(Re)build the DDP wrapper: DDP registers its gradient hooks for the parameters that
@@ -223,6 +232,8 @@ def _train_one_epoch(loop: TrainingLoop, step: int, epoch: int) -> tuple[float, 
             )
         _optimizer_step(loop, loss, trainable)
         step += 1
+        if loop.after_step is not None:
+            loop.after_step(step)  # weight average, time-budget timing
         total_loss += loss.item() * len(labels)
         seen += len(labels)
         correct += int((logits.detach().argmax(1) == labels).sum())
@@ -244,13 +255,16 @@ def build_optimizer(param_groups: list[dict[str, Any]], lr: float, weight_decay:
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def _save_checkpoint(folder: Path, loop: TrainingLoop, state: TrainingState, with_optimizer: bool = False) -> None:
-    """A checkpoint plus the strategy's extra files (LoRA: adapter.safetensors), written first so
-    that state.json, written last, marks a complete folder."""
+def _save_checkpoint(folder: Path, loop: TrainingLoop, state: TrainingState, with_optimizer: bool = False,
+                     weights: nn.Module | None = None) -> None:
+    """A checkpoint of `weights` (default: the trained model) plus the strategy's extra files
+    (LoRA: adapter.safetensors), written first so that state.json, written last, marks a complete
+    folder."""
+    model = weights if weights is not None else loop.model
     folder.mkdir(parents=True, exist_ok=True)
-    for filename, tensors in loop.strategy.extra_checkpoint_files(loop.model).items():
+    for filename, tensors in loop.strategy.extra_checkpoint_files(model).items():
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / filename))
-    save_checkpoint(folder, loop.model, state.to_dict(), loop.optimizer if with_optimizer else None)
+    save_checkpoint(folder, model, state.to_dict(), loop.optimizer if with_optimizer else None)
 
 
 def train(
@@ -263,8 +277,20 @@ def train(
     """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint.
 
     `callbacks` are called on the main process at each epoch's end and after the final
-    evaluation (see `vision_ft.callbacks`).
+    evaluation (see `vision_ft.callbacks`). An anomaly config (`task: anomaly`) is fitted by
+    `vision_ft.anomaly.fit` instead: one pass, no epochs, no callbacks.
     """
+    if config.task == "anomaly":
+        from vision_ft.anomaly.fit import train_anomaly
+
+        if resume:
+            raise VisionFTError("an anomaly run is fitted in one pass and cannot be resumed; start it again with --force")
+        if config.data.image_size == "auto":  # anomaly features keep the backbone's pretraining size
+            from vision_ft.auto_size import backbone_geometry
+
+            config = config.model_copy(deep=True)
+            config.data.image_size = backbone_geometry(config.model.name)[0]
+        return train_anomaly(config, Path(out), force=force)
     context = distributed.setup()
     try:
         return _train(config, Path(out), force, resume, context, list(callbacks))
@@ -272,9 +298,12 @@ def train(
         distributed.teardown(context)
 
 
-def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> tuple[RunFolder, list[str], dict[str, list[Sample]]]:
-    """Check inputs and lay out the run folder on rank 0; every rank then reads the same split."""
+def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context
+                 ) -> tuple[RunFolder, list[str], dict[str, list[Sample]], Config, list[str]]:
+    """Check inputs, resolve the `auto` settings and lay out the run folder on rank 0; every rank
+    then reads the same split and resolved config."""
     error: str | None = None
+    notes: list[str] = []
     if context.is_main:
         try:
             if resume:
@@ -285,6 +314,8 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 check_model_name(config.model.name)
                 validate_augment_spec(config.data.augment.train)
                 class_names, splits, index = _check_data_and_split(config)
+                config, notes = resolve_auto(config, splits, class_names, context.world_size)
+                check_input_size(config.model.name, len(class_names), config.data.channels, config.data.image_size)
                 check_eval_config(config.eval, class_names)  # eval.positive_class etc. name real classes
                 check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
                 run = create_run_folder(out, force=force)
@@ -297,16 +328,18 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
         raise VisionFTError(error)
     run = RunFolder(out)
     class_names, splits = load_split(run.split)
-    return run, class_names, splits
+    resolved = distributed.broadcast_from_main(context, config.model_dump(mode="json") if context.is_main else None)
+    return run, class_names, splits, validate_config(resolved), notes
 
 
 def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
            callbacks: list[TrainingCallback]) -> TrainResult:
+    started = time.monotonic()  # a time budget counts from here: data checks included
     _setup_logging(context, None)
-    run, class_names, splits = _prepare_run(config, out, force, resume, context)
+    run, class_names, splits, config, notes = _prepare_run(config, out, force, resume, context)
     try:
         callbacks = [*open_experiment_logs(run, config, context.is_main), *callbacks]
-        return _run_training(config, run, class_names, splits, resume, context, callbacks)
+        return _run_training(config, run, class_names, splits, resume, context, callbacks, notes, started)
     except VisionFTError:
         # A new run that failed before its first checkpoint (weights that do not fit, no network
         # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
@@ -321,18 +354,27 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
 
 
 def _run_training(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
-                  resume: bool, context: distributed.Context, callbacks: list[TrainingCallback]) -> TrainResult:
-    """Build the loop, train epoch by epoch until the last or an early stop, then evaluate and export."""
+                  resume: bool, context: distributed.Context, callbacks: list[TrainingCallback],
+                  notes: list[str], run_started: float) -> TrainResult:
+    """Build the loop, train epoch by epoch until the last, an early stop or the time budget, then
+    evaluate and export."""
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
     log.info("run folder %s", run.root)
     log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
+    for note in notes:
+        log.info("auto: %s", note)
     loop = build_loop(config, run, class_names, splits, resume, context)
-    loop.callbacks = callbacks
+    loop.callbacks, loop.notes = callbacks, notes
     state = restore_state(loop) if resume else TrainingState()
     loop.rewrap()
+    _add_average_and_budget(loop, state, resume, run_started)
     stopped_early = False
-    for epoch in range(state.epoch + 1, config.train.epochs + 1):
+    epoch = state.epoch
+    while epoch < config.train.epochs:  # the budget may change train.epochs after epoch 1
+        epoch += 1
+        if not _another_epoch_fits(loop, epoch):
+            break
         if run_epoch(loop, state, epoch):
             stopped_early = epoch < config.train.epochs
             log.info("early stopping: val %s did not improve for %d epochs", config.train.early_stopping.metric,
@@ -341,6 +383,8 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
     metrics: dict[str, Any] = {}
     if context.is_main:
         metrics = final_evaluation(loop, state)
+        if loop.budget is not None:
+            log.info("time budget %.0f s: the run took %.0f s", loop.budget.budget_s, loop.budget.elapsed())
         for callback in callbacks:
             callback.on_train_end(metrics)
     distributed.barrier(context)
@@ -438,6 +482,86 @@ def restore_state(loop: TrainingLoop) -> TrainingState:
     return state
 
 
+# ---------------------------------------------------------------- weight average and time budget
+
+
+def _add_average_and_budget(loop: TrainingLoop, state: TrainingState, resume: bool, run_started: float) -> None:
+    """Attach the weight average (train.ema) and the time-budget planner, and the per-step hook
+    that feeds both."""
+    config = loop.config
+    loop.average = WeightAverage(loop.model) if config.train.ema else None
+    loop.budget = _budget_planner(loop, resume, run_started)
+
+    def after_step(step: int) -> None:
+        if loop.average is not None:
+            loop.average.update(loop.model, step)
+        if loop.budget is not None and loop.budget.record_step():
+            _plan_epochs(loop, state.epoch)
+
+    loop.after_step = after_step
+
+
+def _budget_planner(loop: TrainingLoop, resume: bool, run_started: float) -> BudgetPlanner | None:
+    config = loop.config
+    patience_auto = config.train.early_stopping.patience == "auto"
+    if patience_auto:  # provisional until the budget's plan says how many epochs there are
+        config.train.early_stopping.patience = auto_patience(config.train.epochs)
+    if not config.train.time_budget:
+        return None
+    if resume:
+        log.info("time budget: not applied to a resumed run; it trains to epoch %d", config.train.epochs)
+        return None
+    return BudgetPlanner(
+        budget_s=parse_duration(config.train.time_budget), steps_per_epoch=len(loop.train_loader),
+        batch_size=config.train.batch_size, val_images=len(loop.splits.get("val", [])),
+        test_images=len(loop.splits.get("test", [])), max_epochs=config.train.epochs,
+        evals_per_epoch=2 if config.train.ema else 1, tta_factor=2 if config.eval.tta == "flip" else 1,
+        export=config.export.onnx, patience_auto=patience_auto, started=run_started,
+    )
+
+
+def _plan_epochs(loop: TrainingLoop, epochs_done: int) -> None:
+    """Set the epochs (and the cosine schedule's length, and auto patience) to what fits the budget."""
+    budget, config, context = loop.budget, loop.config, loop.context
+    assert budget is not None
+    in_epoch = 0.0 if epochs_done else budget.elapsed_in_first_epoch()
+    epochs = distributed.broadcast_from_main(context, budget.plan(epochs_done, in_epoch))
+    if epochs == config.train.epochs and epochs_done:
+        return
+    config.train.epochs = epochs
+    loop.schedule["total_steps"] = len(loop.train_loader) * epochs
+    if budget.patience_auto:
+        config.train.early_stopping.patience = auto_patience(epochs)
+    note = budget.describe(epochs)
+    log.info("%s", note)
+    loop.notes.append(note)
+    if context.is_main:
+        save_config(config, loop.run.config)  # the run folder says how many epochs were planned
+
+
+def _another_epoch_fits(loop: TrainingLoop, epoch: int) -> bool:
+    """False when the time budget has no room for `epoch` plus the final evaluation and export."""
+    budget = loop.budget
+    if budget is None or epoch <= 1 or distributed.broadcast_from_main(loop.context, budget.another_epoch_fits()):
+        return True
+    log.info("time budget: %.0f s left, not enough for another epoch (~%.0f s) and the final evaluation "
+             "and export (~%.0f s); stopping after epoch %d", budget.remaining(),
+             budget.estimated_epoch_seconds(), budget.final_seconds(), epoch - 1)
+    return False
+
+
+def _time_epoch(loop: TrainingLoop, epoch: int, started: float) -> None:
+    """Feed the epoch's duration to the budget; after epoch 1 the plan is redone with it."""
+    budget = loop.budget
+    if budget is None:
+        return
+    if epoch == 1:
+        budget.epoch_seconds = time.time() - started
+        _plan_epochs(loop, epoch)
+    else:
+        budget.epoch_seconds = max(budget.epoch_seconds or 0.0, time.time() - started)
+
+
 # ---------------------------------------------------------------- one epoch
 
 
@@ -453,19 +577,30 @@ def run_epoch(loop: TrainingLoop, state: TrainingState, epoch: int) -> bool:
         sampler.set_epoch(epoch)  # a new, reproducible shuffle each epoch (also after resume)
     train_loss, state.step = _train_one_epoch(loop, state.step, epoch)
     stop = end_epoch(loop, state, epoch, train_loss, started) if loop.context.is_main else False
+    _time_epoch(loop, epoch, started)
     return distributed.broadcast_from_main(loop.context, stop)
 
 
-def validate(loop: TrainingLoop, train_loss: float) -> tuple[dict[str, float], float | None]:
-    """(val_* fields of the metrics row, the early-stopping score); without a val split the
+def validate(loop: TrainingLoop, train_loss: float) -> tuple[dict[str, float], float | None, nn.Module]:
+    """(val_* fields of the metrics row, the early-stopping score, the weights that scored it): the
+    better of the trained weights and their moving average (train.ema). Without a val split the
     score watches the training loss."""
     metric = loop.config.train.early_stopping.metric
     if "val" not in loop.eval_loaders:
-        return {}, -train_loss if metric != "loss" else train_loss
-    outputs = infer(loop.model, loop.eval_loaders["val"], loop.context.device, loop.amp_dtype)
-    val = evaluate_outputs(outputs, loop.class_names, loop.config.train.label_smoothing)
-    fields = {f"val_{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")}
-    return fields, val["loss" if metric == "loss" else metric]
+        return {}, -train_loss if metric != "loss" else train_loss, loop.model
+    started = time.time()
+    candidates = [loop.model] + ([loop.average.module] if loop.average is not None else [])
+    best: tuple[dict[str, float], float, nn.Module] | None = None
+    for candidate in candidates:
+        outputs = infer(candidate, loop.eval_loaders["val"], loop.context.device, loop.amp_dtype)
+        val = evaluate_outputs(outputs, loop.class_names, loop.config.train.label_smoothing)
+        fields = {f"val_{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")}
+        if best is None or is_better(val[metric], best[1], metric):
+            best = (fields, val[metric], candidate)
+    assert best is not None
+    if loop.budget is not None:
+        loop.budget.record_eval(time.time() - started, len(loop.splits["val"]) * len(candidates))
+    return best
 
 
 def end_epoch(loop: TrainingLoop, state: TrainingState, epoch: int, train_loss: float, started: float) -> bool:
@@ -473,8 +608,10 @@ def end_epoch(loop: TrainingLoop, state: TrainingState, epoch: int, train_loss: 
     best (when improved) and last checkpoints. Returns whether early stopping says stop."""
     config = loop.config
     row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": loop.optimizer.param_groups[0]["lr"]}
-    fields, score = validate(loop, train_loss)
+    fields, score, chosen = validate(loop, train_loss)
     row.update(fields)
+    if "val" in loop.eval_loaders:
+        row["weights"] = "average" if chosen is not loop.model else "trained"
     row["seconds"] = round(time.time() - started, 1)
     state.history.append(row)
     with loop.run.metrics_log.open("a") as fh:
@@ -483,10 +620,12 @@ def end_epoch(loop: TrainingLoop, state: TrainingState, epoch: int, train_loss: 
     improved = state.record_epoch(epoch, score, stopping.metric, stopping.patience, config.train.epochs)
     state.strategy = loop.strategy.state_dict()
     if improved:
-        _save_checkpoint(loop.run.best, loop, state)
+        state.extra["best_weights"] = row.get("weights", "trained")
+        _save_checkpoint(loop.run.best, loop, state, weights=chosen)
     _save_checkpoint(loop.run.last, loop, state, with_optimizer=True)
+    best_note = ("  *best*" + (" (weight average)" if chosen is not loop.model else "")) if improved else ""
     log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
-             format_summary({k[4:]: v for k, v in fields.items()}), row["seconds"], "  *best*" if improved else "")
+             format_summary({k[4:]: v for k, v in fields.items()}), row["seconds"], best_note)
     for callback in loop.callbacks:
         callback.on_epoch_end(epoch, row, group_learning_rates(loop.optimizer.param_groups))
     return state.should_stop(stopping.patience)
@@ -503,10 +642,12 @@ def final_evaluation(loop: TrainingLoop, state: TrainingState) -> dict[str, Any]
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
     predictions: dict[str, SplitPredictions] = {}
+    probabilities: dict[str, tuple[Any, Any]] = {}  # (softmax N x K, labels) per split
     groups = load_split_groups(run.split)
     for name, loader in loop.eval_loaders.items():
-        outputs = infer(loop.model, loader, loop.context.device, loop.amp_dtype)
+        outputs = infer(loop.model, loader, loop.context.device, loop.amp_dtype, tta=config.eval.tta)
         metrics[name] = evaluate_outputs(outputs, class_names, config.train.label_smoothing)
+        probabilities[name] = (outputs.probabilities, outputs.labels)
         paths = [s.path for s in loader.dataset.samples]
         predictions[name] = SplitPredictions(outputs.logits, outputs.labels, [str(p) for p in paths],
                                              [groups[p] for p in paths] if groups else None)
@@ -517,12 +658,17 @@ def final_evaluation(loop: TrainingLoop, state: TrainingState) -> dict[str, Any]
     metrics.update(evaluate_run_predictions(run.root, config, class_names, predictions))  # CIs, calibration, thresholds
     for line in summary_lines(metrics):
         log.info("%s", line)
+    if "val" in predictions and "test" in predictions:
+        metrics["warnings"] = val_test_disagreements(probabilities["val"], probabilities["test"],
+                                                     config.eval.bootstrap_resamples, config.eval.confidence)
+        for warning in metrics["warnings"]:
+            log.warning("warning: %s", warning)
     run.metrics.write_text(json.dumps(metrics, indent=1))
     if state.history:
         plot_training_curves(state.history, run.plots / "training_curves.png", config.train.early_stopping.metric)
     if config.export.onnx:
         export_onnx(loop)
-    write_report(run, config, class_names, metrics, state.to_dict())
+    write_report(run, config, class_names, metrics, state.to_dict(), loop.notes)
     return metrics
 
 

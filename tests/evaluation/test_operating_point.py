@@ -79,3 +79,29 @@ def test_roc_and_pr_plots_are_written(tmp_path):
     paths = plot_roc_pr(is_positive, scores, tmp_path, "pneumonia", threshold=0.4)
     assert [p.name for p in paths] == ["roc_test.png", "pr_test.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
+
+
+def test_eval_settings_that_cannot_work_are_refused_before_training(tmp_path):
+    from vision_ft.config import build_config
+    from vision_ft.errors import VisionFTError
+    from vision_ft.evaluation.run_evaluation import check_eval_config, load_decision_rule
+
+    binary, three = ["normal", "pneumonia"], ["crack", "ok", "scratch"]
+    cases = [
+        (["eval.positive_class=covid"], binary, "'covid' is not one of"),
+        (["eval.target_sensitivity=0.95"], binary, "need eval.positive_class"),
+        (["eval.positive_class=ok", "eval.target_specificity=0.9"], three, "need a binary task"),
+        (["eval.target_recall={dent: 0.99}"], three, "'dent' is not one of"),
+    ]
+    for overrides, names, message in cases:
+        with pytest.raises(VisionFTError, match=message):
+            check_eval_config(build_config(None, overrides).eval, names)
+    with pytest.raises(VisionFTError, match="not both"):
+        build_config(None, ["eval.target_sensitivity=0.9", "eval.target_specificity=0.9"])
+    with pytest.raises(VisionFTError, match="must be in"):
+        build_config(None, ["eval.target_recall={crack: 1.5}"])
+    with pytest.raises(VisionFTError, match="calibration.temperature"):
+        build_config(None, ["calibration.temperature=-2"])
+    (tmp_path / "decision.json").write_text('{"temperature": 1.0, "positive_class": "covid"}')
+    with pytest.raises(VisionFTError, match="decision.json is malformed"):
+        load_decision_rule(tmp_path, binary)

@@ -139,7 +139,7 @@ def stratified_folds(samples: list[Sample], groups: dict[Path, str] | None, n_fo
         return [held for _, held in splitter.split(placeholder, labels)]
 
 
-def hold_out(samples: list[Sample], groups: dict[Path, str], fraction: float, seed: int,
+def hold_out(samples: list[Sample], groups: dict[Path, str] | None, fraction: float, seed: int,
              what: str) -> tuple[list[Sample], list[Sample]]:
     """(kept, held out): about `fraction` of the samples, whole groups, stratified by class.
 
