@@ -11,12 +11,36 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
 from vision_ft.errors import VisionFTError
+
+
+def _int_or_auto(minimum: int, maximum: int | None = None) -> Any:
+    """A setting that is a whole number in [minimum, maximum], or "auto" (decided from the data)."""
+
+    def check(value: Any) -> int | str:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"must be 'auto' or a whole number >= {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"must be 'auto' or between {minimum} and {maximum if maximum is not None else 'any'}")
+        return int(value)
+
+    return Annotated[int | str, PlainValidator(check), PlainSerializer(lambda v: v)]
+
+
+def _float_or_auto(value: Any) -> float | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("must be 'auto' or a number > 0")
+    return float(value)
 
 
 class _Strict(BaseModel):
@@ -41,7 +65,8 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     path: str | None = None
-    image_size: int = Field(224, ge=16, le=4096)
+    # auto: from the images' native sizes, clamped and rounded for the backbone (vision_ft/auto_size.py)
+    image_size: _int_or_auto(16, 4096) = "auto"
     channels: Literal[1, 3] = 3
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -51,8 +76,9 @@ class DataConfig(_Strict):
     workers: int = Field(2, ge=0)
     skip_bad_images: bool = False
     # How to counter class imbalance: weight the loss by inverse class frequency, or draw
-    # batches with a class-balanced sampler.
-    balance: Literal["none", "loss_weights", "sampler"] = "none"
+    # batches with a class-balanced sampler; auto weights the loss when the smallest class has
+    # under a third of the largest one's images (vision_ft/imbalance.py).
+    balance: Literal["auto", "none", "loss_weights", "sampler"] = "auto"
     # A CSV column or a regex with (?P<group>...) over the relative path: images of one group
     # (patient) never share a split; see vision_ft.data.groups.
     group_by: str | None = None
@@ -76,14 +102,17 @@ class ModelConfig(_Strict):
 
 
 class EarlyStoppingConfig(_Strict):
-    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] = "macro_f1"
-    patience: int = Field(5, ge=1)
+    # auto: AUROC for two classes, the loss otherwise (smooth metrics a small val split cannot fool)
+    metric: Literal["auto", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] = "auto"
+    patience: _int_or_auto(1) = "auto"
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: _int_or_auto(1) = "auto"
+    # e.g. "10m", "90s", "1h30m": epochs are planned to fill it, evaluation and export included
+    time_budget: str | None = None
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: Annotated[float | str, PlainValidator(_float_or_auto), PlainSerializer(lambda v: v)] = "auto"
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
@@ -93,7 +122,18 @@ class TrainConfig(_Strict):
     # (CPU autocast was slower than fp32 in our measurements on machines without AMX).
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     seed: int = 0
+    # Keep an exponential moving average of the weights; it is evaluated each epoch and kept when better.
+    ema: bool = True
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    @field_validator("time_budget")
+    @classmethod
+    def _readable_budget(cls, value: str | None) -> str | None:
+        if value is not None:
+            from vision_ft.budget import parse_duration
+
+            parse_duration(value)  # raises ValueError with the accepted forms
+        return value
 
 
 class LoRAConfig(_Strict):
@@ -126,6 +166,27 @@ class FinetuneConfig(_Strict):
 class ExportConfig(_Strict):
     # Write RUN/model.onnx (LoRA merged, checked against onnxruntime) when training ends.
     onnx: bool = True
+    # CNN classifiers with a pooling + linear head also output class activation maps ('cam').
+    cam: bool = True
+
+
+class AnomalyConfig(_Strict):
+    """`task: anomaly`: a PatchCore-style model fitted on good parts only (vision_ft.anomaly)."""
+
+    good_class: str = Field("good", min_length=1)
+    # Backbone feature levels (timm feature_info indices); null: the levels at strides 8 and 16.
+    layers: list[int] | None = None
+    patch_size: int = Field(3, ge=1)
+    feature_dim: int = Field(384, ge=8)
+    coreset_fraction: float = Field(0.1, gt=0, le=1)
+    max_patches: int = Field(60000, ge=100)
+    projection_dim: int = Field(128, ge=0)
+    neighbours: int = Field(9, ge=1)
+    blur_sigma: float = Field(4.0, ge=0)
+    threshold_rule: Literal["best_f1", "target_recall"] = "best_f1"
+    target_recall: float = Field(0.95, gt=0, le=1)
+    good_quantile: float = Field(0.99, gt=0, lt=1)
+    uncertain_band: float = Field(0.05, ge=0, lt=0.5)
 
 
 class CalibrationConfig(_Strict):
@@ -149,6 +210,8 @@ class EvalConfig(_Strict):
     target_recall: dict[str, float] | None = None
     bootstrap_resamples: int = Field(2000, ge=0)  # 0: no confidence intervals
     confidence: float = Field(0.95, gt=0, lt=1)
+    # flip: average the predictions of each image and its horizontal mirror (final val/test evaluation)
+    tta: Literal["none", "flip"] = "none"
 
     @field_validator("target_recall")
     @classmethod
@@ -182,18 +245,20 @@ class TuneConfig(_Strict):
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] | None = None
     trials: int | None = Field(None, ge=1)  # total trials in the study (resumed searches count earlier ones)
     timeout: float | None = Field(None, gt=0)  # seconds for this invocation
-    # The median pruner compares a trial with earlier ones only after this many finished trials
-    # and from this epoch on: too early a comparison kills slow starters.
+    # Random trials before TPE models the space and before the median pruner compares a trial
+    # with earlier ones; the pruner also waits warmup_epochs: too early a comparison kills slow starters.
     startup_trials: int = Field(3, ge=0)
     warmup_epochs: int = Field(1, ge=0)
 
 
 class Config(_Strict):
+    task: Literal["classification", "anomaly"] = "classification"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -55,6 +55,9 @@ class ModelMetadata:
     quantization: str = "none"  # "none" or "int8-static-qdq"
     # Largest |onnxruntime - torch| logit difference measured when the model was exported.
     verified_max_abs_diff: float | None = None
+    # Temperature and operating thresholds chosen on validation (vision_ft.decision.DecisionRule
+    # as JSON, by class name); empty: plain softmax and argmax.
+    decision: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_properties(self) -> dict[str, str]:
@@ -111,6 +114,12 @@ class ModelMetadata:
             problems.append(f"channels {self.channels} must be 1 or 3")
         if len(self.mean) != self.channels or len(self.std) != self.channels or any(s <= 0 for s in self.std):
             problems.append(f"mean {self.mean} / std {self.std} must have {self.channels} values, std > 0")
+        temperature = self.decision.get("temperature", 1.0) if isinstance(self.decision, dict) else None
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            problems.append(f"decision {self.decision} must be a mapping with a positive temperature")
+        elif any(name not in self.class_names for name in
+                 [self.decision.get("positive_class") or self.class_names[0], *(self.decision.get("class_thresholds") or {})]):
+            problems.append(f"decision {self.decision} names a class that is not in class_names")
         if problems:
             raise VisionFTError(f"{source}: bad vision-ft metadata ({problems[0]}); export the model again")
         policy = (self.resize, self.crop, self.decode_policy)

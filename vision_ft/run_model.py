@@ -13,6 +13,7 @@ from vision_ft.config import Config, load_config
 from vision_ft.data.split import load_split
 from vision_ft.finetune.build import build_strategy
 from vision_ft.models.create import create_model, pretrained_normalisation
+from vision_ft.errors import VisionFTError
 from vision_ft.run_folder import RunFolder, open_run_folder
 
 
@@ -47,6 +48,7 @@ def build_model(config: Config, num_classes: int, weights: str | None = None) ->
         in_chans=config.data.channels,
         weights=config.model.weights if weights is None else weights,
         drop_rate=config.model.drop_rate,
+        image_size=config.data.image_size if isinstance(config.data.image_size, int) else None,
     )
 
 
@@ -59,6 +61,9 @@ def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = 
     """The run's model with the weights of its `best` or `last` checkpoint, in eval mode on `device`."""
     run = open_run_folder(path)
     config = load_config(run.config)
+    if config.task == "anomaly":
+        raise VisionFTError(f"{path} is an anomaly run; this command works on classifier runs "
+                            "(anomaly runs: train, eval, predict, export)")
     class_names, _ = load_split(run.split)
     # The checkpoint holds every weight, so no pretrained download is needed here.
     model = build_model(config, len(class_names), weights="none")
@@ -67,3 +72,9 @@ def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = 
     model.eval().to(device)
     mean, std = normalisation(config, model)
     return LoadedRun(run, config, class_names, model, mean, std)
+
+
+def is_anomaly_run(path: Path) -> bool:
+    """True for a run folder written by `vision-ft train --task anomaly`."""
+    run = open_run_folder(path)
+    return load_config(run.config).task == "anomaly"
