@@ -681,7 +681,7 @@ def export_onnx(loop: TrainingLoop) -> None:
     config, run = loop.config, loop.run
     metadata = model_metadata(config, loop.class_names, loop.mean, loop.std, loop.splits, run.root)
     try:
-        result = export_model(loop.model, metadata, loop.splits, run.onnx, force=True, echo=log.info)
+        result = export_model(loop.model, metadata, loop.splits, run.onnx, force=True, echo=log.info, config=config)
     except VisionFTError as exc:
         log.warning("no ONNX model written: %s; retry with `vision-ft export %s` (or set export.onnx=false)",
                     exc, run.root)
