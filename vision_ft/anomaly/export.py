@@ -97,7 +97,7 @@ def export_anomaly_run(run_dir: Path, out: Path | None = None, force: bool = Fal
     out = Path(out) if out is not None else open_run_folder(run_dir).onnx
     _check_destination(out, force)
     loaded = load_anomaly_run(run_dir)
-    split_name, images = verification_images(loaded.run.split)
+    split_name, images = verification_images(load_split(loaded.run.split)[1])
     scorer = loaded.scorer.float().eval()
     metadata = _metadata(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)
