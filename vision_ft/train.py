@@ -21,29 +21,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vision_ft import distributed
-from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_state, save_checkpoint
+from vision_ft.checkpoint import (append_metrics_line, load_model_weights, load_optimizer_state, reconcile_metrics_log,
+                                  recover_checkpoints, save_checkpoints, verify_checkpoint)
 from vision_ft.config import Config, save_config
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
-from vision_ft.data.loaders import build_loader, class_counts
+from vision_ft.data.loaders import build_loader, class_counts, seed_training_epoch, stop_all_workers
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.errors import VisionFTError
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
+from vision_ft.interrupts import sigterm_as_interrupt
 from vision_ft.metrics import compute_metrics, format_summary
 from vision_ft.models.create import check_model_name
 from vision_ft.plots import plot_confusion_matrix, plot_training_curves
 from vision_ft.report import write_report
 from vision_ft.run_folder import RunFolder, create_run_folder, open_run_folder
+from vision_ft.run_lock import RunLock
 from vision_ft.run_model import build_model, normalisation
 from vision_ft.schedule import apply_learning_rates
 
@@ -241,16 +243,6 @@ def build_optimizer(param_groups: list[dict[str, Any]], lr: float, weight_decay:
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def _save_checkpoint(folder: Path, model: nn.Module, state: dict[str, Any], strategy: Strategy,
-                     optimizer: torch.optim.Optimizer | None = None) -> None:
-    """A checkpoint plus the strategy's extra files (LoRA: adapter.safetensors), written first so
-    that state.json, written last, marks a complete folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for filename, tensors in strategy.extra_checkpoint_files(model).items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / filename))
-    save_checkpoint(folder, model, state, optimizer)
-
-
 def _is_better(score: float | None, best: float | None, metric: str) -> bool:
     if score is None or (isinstance(score, float) and math.isnan(score)):
         return False
@@ -267,19 +259,27 @@ def train(
 ) -> TrainResult:
     """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint."""
     context = distributed.setup()
+    lock = RunLock(out)  # rank 0 holds it for the whole run: one process per run folder
     try:
-        return _train(config, Path(out), force, resume, context)
+        with sigterm_as_interrupt():
+            return _train(config, Path(out), force, resume, context, lock)
     finally:
+        stop_all_workers()  # now, not whenever the loaders are garbage-collected
+        lock.release()
         distributed.teardown(context)
 
 
-def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> tuple[RunFolder, list[str], dict[str, list[Sample]]]:
+def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
+                 lock: RunLock) -> tuple[RunFolder, list[str], dict[str, list[Sample]]]:
     """Check inputs and lay out the run folder on rank 0; every rank then reads the same split."""
     error: str | None = None
     if context.is_main:
         try:
             if resume:
                 run = open_run_folder(out)
+                lock.acquire()
+                for line in recover_checkpoints(run.checkpoints):
+                    log.warning("%s: %s", out, line)
                 if not (run.last / "state.json").is_file():
                     raise VisionFTError(f"run folder {out} has no last checkpoint to resume; start it again with --force")
             else:
@@ -287,7 +287,7 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 validate_augment_spec(config.data.augment.train)
                 class_names, splits, index = _check_data_and_split(config)
                 check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
-                run = create_run_folder(out, force=force)
+                run = create_run_folder(out, force=force, lock=lock)
                 save_config(config, run.config)
                 save_split(run.split, splits, index, config.data.split_seed)
         except VisionFTError as exc:
@@ -300,9 +300,10 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
     return run, class_names, splits
 
 
-def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context) -> TrainResult:
+def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
+           lock: RunLock) -> TrainResult:
     _setup_logging(context, None)
-    run, class_names, splits = _prepare_run(config, out, force, resume, context)
+    run, class_names, splits = _prepare_run(config, out, force, resume, context, lock)
     try:
         return _run_training(config, run, class_names, splits, resume, context)
     except VisionFTError:
@@ -367,14 +368,26 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume:
-        state = load_state(run.last)
-        load_model_weights(run.last, model)
+        state = verify_checkpoint(run.last)  # weights, optimizer and state of one epoch, files intact
+        if context.is_main:
+            repaired = reconcile_metrics_log(run.metrics_log, state)  # ... and the log ends at that epoch
+            if repaired:
+                log.warning("repaired after a crash: %s", repaired)
+        load_model_weights(run.last, model, verify=False)
         strategy.load_state_dict(state.get("strategy", {}))
         # Rebuild the optimizer groups the strategy had at the checkpoint, then restore their state.
         optimizer = build_optimizer(strategy.param_groups(model, config.train.lr, config.train.weight_decay),
                                     config.train.lr, config.train.weight_decay, context.device)
         load_optimizer_state(run.last, optimizer, state)
-        if state["epoch"] >= config.train.epochs or state.get("stopped_early"):
+        finished = state["epoch"] >= config.train.epochs or state.get("stopped_early")
+        if finished and not run.metrics.is_file():
+            # Killed after its last checkpoint, before the final evaluation: finish just that.
+            log.info("run ended after epoch %d without its final evaluation; evaluating now", state["epoch"])
+            metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config) \
+                if context.is_main else {}
+            distributed.barrier(context)
+            return TrainResult(run.root, metrics, state["best_epoch"], state["epoch"], bool(state.get("stopped_early")))
+        if finished:
             raise VisionFTError(
                 f"run {run.root} already finished at epoch {state['epoch']}; to train longer pass "
                 f"--set train.epochs=N with N > {state['epoch']} together with --resume"
@@ -387,6 +400,7 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
     stopped_early = False
     for epoch in range(state["epoch"] + 1, config.train.epochs + 1):
         started = time.time()
+        seed_training_epoch(config.train.seed, context.rank, epoch)  # dropout draws do not depend on a resume
         if strategy.on_epoch_start(epoch, model, optimizer, state["step"], config.train.lr, config.train.weight_decay):
             ddp_model = _wrap(model, context)
         log.info("epoch %d: %s", epoch, strategy.describe(model))
@@ -409,8 +423,6 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
                 score = -train_loss if metric != "loss" else train_loss  # no val split: watch the training loss
             row["seconds"] = round(time.time() - started, 1)
             state["history"].append(row)
-            with run.metrics_log.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
             improved = _is_better(score, state["best_score"], metric)
             if improved:
                 state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
@@ -419,9 +431,10 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             stop = state["bad_epochs"] >= config.train.early_stopping.patience
             state.update(epoch=epoch, stopped_early=stop and epoch < config.train.epochs,
                          strategy=strategy.state_dict())
-            if improved:
-                _save_checkpoint(run.best, model, state, strategy)
-            _save_checkpoint(run.last, model, state, strategy, optimizer)
+            # The checkpoint is on disk before the epoch is logged: a crash in between loses at
+            # most a log line, which --resume restores from the checkpoint's history.
+            save_checkpoints(run.checkpoints, model, state, optimizer, improved, strategy.extra_checkpoint_files(model))
+            append_metrics_line(run.metrics_log, row)
             log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
                      format_summary({k[4:]: v for k, v in row.items() if k.startswith("val_")}), row["seconds"],
                      "  *best*" if improved else "")
