@@ -11,11 +11,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from vision_ft.errors import VisionFTError
+
+if TYPE_CHECKING:
+    from vision_ft.quantize import QuantizeResult
 
 app = typer.Typer(
     add_completion=False,
@@ -30,6 +33,19 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a config key, e.g. --set train.epochs=6 (repeatable)."),
 ]
+
+
+def set_options(texts: list[str] | None) -> dict[str, object]:
+    """`--set` texts as the dotted keyword overrides of `vision_ft.train` (values read as YAML)."""
+    from vision_ft.config import parse_override
+
+    settings: dict[str, object] = {}
+    for text in texts or []:
+        parts, value = parse_override(text)
+        if len(parts) == 1:
+            raise VisionFTError(f"--set {text} names a whole section; set one key, e.g. --set {parts[0]}.KEY=VALUE")
+        settings[".".join(parts)] = value
+    return settings
 
 
 def _echo_metrics(title: str, metrics: dict) -> None:
@@ -51,46 +67,18 @@ def train(
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out unreadable images with a warning.")] = False,
 ) -> None:
     """Fine-tune a backbone on labelled images and write a run folder."""
-    from vision_ft.config import build_config, load_config, parse_override, validate_config
-    from vision_ft.run_folder import next_run_path, open_run_folder
-    from vision_ft.train import train as run_training
+    import vision_ft
 
-    if resume:
-        if out is None:
-            raise VisionFTError("--resume needs --out RUN, the run folder to continue")
-        if force:
-            raise VisionFTError("--resume and --force contradict each other; --resume continues RUN, --force replaces it")
-        saved = load_config(open_run_folder(out).config).model_dump(mode="json")
-        for text in overrides or []:
-            parts, value = parse_override(text)
-            if parts != ["train", "epochs"]:
-                raise VisionFTError(f"--resume continues with the run's saved config; only train.epochs may change, not '{text}'")
-            saved["train"]["epochs"] = value
-        if config or data or model or weights:
-            raise VisionFTError("--resume continues with the run's saved config; drop --config/--data/--model/--weights")
-        cfg = validate_config(saved, str(out))
-    else:
-        cfg = build_config(
-            config,
-            overrides,
-            data_path=str(data) if data else None,
-            model_name=model,
-            model_weights=weights,
-            data_skip_bad_images=True if skip_bad_images else None,
-        )
-        if out is None:
-            if not cfg.data.path:
-                raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
-            out = next_run_path(Path("runs"), cfg.model.name, Path(cfg.data.path))
-    result = run_training(cfg, out, force=force, resume=resume)
+    run = vision_ft.train(data=data, model=model, out=out, config=config, resume=resume, weights=weights,
+                          force=force, skip_bad_images=skip_bad_images, **set_options(overrides))
     if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(f"run folder: {result.run_dir}")
-        onnx_model = result.run_dir / "model.onnx"
-        if onnx_model.is_file():
-            typer.echo(f"ONNX model: {onnx_model}")
+        typer.echo(f"run folder: {run.path}")
+        if run.folder.onnx.is_file():
+            typer.echo(f"ONNX model: {run.folder.onnx}")
+        metrics = run.metrics
         for split in ("val", "test"):
-            if split in result.metrics:
-                _echo_metrics(f"{split} (best epoch {result.best_epoch})", result.metrics[split])
+            if split in metrics:
+                _echo_metrics(f"{split} (best epoch {metrics['best_epoch']})", metrics[split])
 
 
 @app.command(name="eval")
@@ -103,11 +91,12 @@ def eval_command(
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images")] = False,
 ) -> None:
     """Evaluate a trained run on any labelled folder."""
-    from vision_ft.evaluate import evaluate_run, write_eval_outputs
+    import vision_ft
+    from vision_ft.evaluate import write_eval_outputs
 
     if checkpoint not in ("best", "last"):
         raise VisionFTError(f"--checkpoint must be 'best' or 'last', not '{checkpoint}'")
-    metrics = evaluate_run(run, data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
+    metrics = vision_ft.load_run(run).evaluate(data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
     _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
     if out:
         write_eval_outputs(metrics, list(metrics["per_class"]), out)
@@ -132,7 +121,8 @@ def predict(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
 ) -> None:
     """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
-    from vision_ft.predict import collect_images, predict_run, prediction_header, prediction_rows, write_predictions_csv
+    import vision_ft
+    from vision_ft.predict import collect_images, prediction_header, prediction_rows, write_predictions_csv
     from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
 
     check_threshold(threshold)
@@ -141,12 +131,16 @@ def predict(
 
         model = load_model(source)
         images = collect_images(path)
-        top_k = max(1, min(top_k, len(model.class_names)))
+        class_names = model.class_names
         with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
             probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
-        header, rows = prediction_header(top_k), prediction_rows(images, probs, model.class_names, top_k)
     else:
-        header, rows = predict_run(source, path, top_k=top_k, batch_size=batch_size)
+        run = vision_ft.load_run(source)
+        images = collect_images(path)
+        class_names = run.class_names
+        probs = run.predict_proba(images, batch_size)
+    top_k = max(1, min(top_k, len(class_names)))
+    header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k)
     rows = mark_uncertain(rows, threshold)
     if out:
         write_predictions_csv(out, header, rows)
@@ -168,23 +162,18 @@ def export(
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=1, help="Training images to calibrate INT8 ranges on.")] = 128,
 ) -> None:
     """Export a run's best checkpoint to ONNX (LoRA merged, dynamic batch, metadata), verified against torch."""
-    from vision_ft.export import OPSET, TOLERANCE, export_run
-    from vision_ft.quantize import check_destination, int8_path
-    from vision_ft.run_folder import RunFolder
+    import vision_ft
+    from vision_ft.export import OPSET
 
-    if int8:  # refuse before the slow export, not after it
-        check_destination(int8_path(out or RunFolder(run).onnx), force)
-    result = export_run(run, out, force=force, tolerance=TOLERANCE if tolerance is None else tolerance, echo=typer.echo)
-    size_mb = result.path.stat().st_size / 1e6
-    typer.echo(f"wrote {result.path} (opset {OPSET}, {size_mb:.1f} MB, {result.seconds:.1f} s)")
-    if int8:
-        _quantize(run, result.path, int8_path(result.path), force, calibration_images)
+    exported = vision_ft.load_run(run).export(out, int8=int8, force=force, tolerance=tolerance,
+                                              calibration_images=calibration_images, echo=typer.echo)
+    size_mb = exported.path.stat().st_size / 1e6
+    typer.echo(f"wrote {exported.path} (opset {OPSET}, {size_mb:.1f} MB, {exported.onnx.seconds:.1f} s)")
+    if exported.int8 is not None:
+        _echo_quantized(exported.int8)
 
 
-def _quantize(run: Path, model: Optional[Path], out: Optional[Path], force: bool, calibration_images: int) -> None:
-    from vision_ft.quantize import quantize_run
-
-    result = quantize_run(run, source=model, out=out, force=force, calibration_count=calibration_images, echo=typer.echo)
+def _echo_quantized(result: "QuantizeResult") -> None:
     for line in result.summary():
         typer.echo(line)
     typer.echo(f"wrote {result.path}")
@@ -200,7 +189,10 @@ def quantize(
 ) -> None:
     """Static INT8 quantization of an exported model, calibrated on the run's training images; reports
     the accuracy change on the test split and the speed change."""
-    _quantize(run, model, out, force, calibration_images)
+    from vision_ft.quantize import quantize_run
+
+    _echo_quantized(quantize_run(run, source=model, out=out, force=force, calibration_count=calibration_images,
+                                 echo=typer.echo))
 
 
 @weights_app.command(name="import")

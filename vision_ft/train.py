@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vision_ft import distributed
+from vision_ft.callbacks import TrainingCallback, group_learning_rates
 from vision_ft.checkpoint import (append_metrics_line, load_model_weights, load_optimizer_state, reconcile_metrics_log,
                                   recover_checkpoints, save_checkpoints, verify_checkpoint)
 from vision_ft.config import Config, save_config
@@ -33,6 +35,7 @@ from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
+from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts, seed_training_epoch, stop_all_workers
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
@@ -100,11 +103,17 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
     if not config.data.path:
         raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
     index = discover(Path(config.data.path))
+    if config.data.group_by:
+        index.groups = assign_groups(index, config.data.group_by, config.data.path)
     for path, reason in index.skipped[:5]:
         log.warning("skipping %s: %s", path, reason)
     if len(index.skipped) > 5:
         log.warning("… and %d more non-image files skipped", len(index.skipped) - 5)
-    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed)
+    splits = make_splits(index, config.data.val_fraction, config.data.test_fraction, config.data.split_seed,
+                         config.data.allow_group_leak)
+    if index.groups:
+        log.info("grouped by %s: %d groups; class proportions %s", config.data.group_by, len(set(index.groups.values())),
+                 class_proportions(splits, index.class_names))
     every_path = [s.path for part in splits.values() for s in part]
     bad = find_bad_images(every_path, workers=max(1, config.data.workers))
     if bad:
@@ -256,13 +265,18 @@ def train(
     out: Path,
     force: bool = False,
     resume: bool = False,
+    callbacks: Sequence[TrainingCallback] = (),
 ) -> TrainResult:
-    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint."""
+    """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint.
+
+    `callbacks` are called on the main process at each epoch's end and after the final
+    evaluation (see `vision_ft.callbacks`).
+    """
     context = distributed.setup()
     lock = RunLock(out)  # rank 0 holds it for the whole run: one process per run folder
     try:
         with sigterm_as_interrupt():
-            return _train(config, Path(out), force, resume, context, lock)
+            return _train(config, Path(out), force, resume, context, lock, list(callbacks))
     finally:
         stop_all_workers()  # now, not whenever the loaders are garbage-collected
         lock.release()
@@ -301,11 +315,11 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
 
 
 def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
-           lock: RunLock) -> TrainResult:
+           lock: RunLock, callbacks: list[TrainingCallback]) -> TrainResult:
     _setup_logging(context, None)
     run, class_names, splits = _prepare_run(config, out, force, resume, context, lock)
     try:
-        return _run_training(config, run, class_names, splits, resume, context)
+        return _run_training(config, run, class_names, splits, resume, context, callbacks)
     except VisionFTError:
         # A new run that failed before its first checkpoint (weights that do not fit, no network
         # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
@@ -314,10 +328,13 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
             _setup_logging(context, None)  # closes train.log before its folder goes
             shutil.rmtree(run.root, ignore_errors=True)
         raise
+    finally:
+        for callback in callbacks:
+            callback.close()
 
 
 def _run_training(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
-                  resume: bool, context: distributed.Context) -> TrainResult:
+                  resume: bool, context: distributed.Context, callbacks: list[TrainingCallback]) -> TrainResult:
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
     keep_freed_memory(context.device)  # activations are re-allocated every step: keep them off the page-fault path
@@ -385,6 +402,8 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             log.info("run ended after epoch %d without its final evaluation; evaluating now", state["epoch"])
             metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config) \
                 if context.is_main else {}
+            for callback in callbacks if context.is_main else []:
+                callback.on_train_end(metrics)
             distributed.barrier(context)
             return TrainResult(run.root, metrics, state["best_epoch"], state["epoch"], bool(state.get("stopped_early")))
         if finished:
@@ -438,6 +457,8 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
                      format_summary({k[4:]: v for k, v in row.items() if k.startswith("val_")}), row["seconds"],
                      "  *best*" if improved else "")
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, row, group_learning_rates(optimizer.param_groups))
         stop = distributed.broadcast_from_main(context, stop)
         if stop:
             stopped_early = epoch < config.train.epochs
@@ -447,6 +468,8 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
     metrics: dict[str, Any] = {}
     if context.is_main:
         metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config)
+        for callback in callbacks:
+            callback.on_train_end(metrics)
     distributed.barrier(context)
     return TrainResult(run.root, metrics, state["best_epoch"], state["epoch"], stopped_early)
 

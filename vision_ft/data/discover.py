@@ -47,6 +47,8 @@ class DatasetIndex:
     samples: list[Sample]
     presplit: dict[str, list[Sample]] | None = None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # {image path: group (patient)} when data.group_by is set; see vision_ft.data.groups.
+    groups: dict[Path, str] | None = None
 
 
 def is_image_file(path: Path) -> bool:

@@ -10,6 +10,10 @@ images it trained on::
 
     {"format": 1, "root": "/data/steel", "seed": 0, "class_names": [...],
      "fingerprint": "3f2a...", "splits": {"train": [["crazing/1.jpg", 0], ...], "val": [...], "test": [...]}}
+
+With `data.group_by`, splits are also grouped (no patient in two splits, see
+`vision_ft.data.groups`), and the file adds ``"groups": {"crazing/1.jpg": "P12", ...}`` and the
+achieved ``"class_proportions"`` of each split.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_ft.data.discover import SPLIT_NAMES, DatasetIndex, Sample
+from vision_ft.data.groups import check_group_leak, class_proportions, hold_out
 from vision_ft.errors import VisionFTError
 
 SPLIT_FORMAT = 1
@@ -85,18 +90,44 @@ def stratified_split(
     return {name: sorted(part, key=lambda s: (s.label, str(s.path))) for name, part in splits.items()}
 
 
-def make_splits(index: DatasetIndex, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Sample]]:
+def grouped_split(samples: list[Sample], groups: dict[Path, str], val_fraction: float, test_fraction: float,
+                  seed: int, class_names: list[str]) -> dict[str, list[Sample]]:
+    """Like `stratified_split`, but whole groups go to one split (stratified as well as groups allow)."""
+    _check_fractions(val_fraction, test_fraction)
+    rest, test = hold_out(samples, groups, test_fraction, seed, "parts for a test split")
+    train, val = hold_out(rest, groups, val_fraction / (1.0 - test_fraction), seed + 1, "parts for a validation split")
+    lacking = sorted(set(range(len(class_names))) - {s.label for s in train})
+    if lacking:
+        raise VisionFTError(
+            f"grouped split left class {class_names[lacking[0]]!r} without training images (its images belong to "
+            "few groups); add data, or lower data.val_fraction / data.test_fraction"
+        )
+    return {"train": train, "val": val, "test": test}
+
+
+def make_splits(index: DatasetIndex, val_fraction: float, test_fraction: float, seed: int,
+                allow_group_leak: bool = False) -> dict[str, list[Sample]]:
     """The train/val/test split of a dataset: the given one when the data is pre-split.
 
     A pre-split dataset keeps its splits as given; a missing val or test split is carved out of
-    train (its fraction then applies to the train images).
+    train (its fraction then applies to the train images). With `index.groups`, splits are
+    grouped, and given splits whose groups cross are refused unless `allow_group_leak`.
     """
+    groups = index.groups
+
+    def split(samples: list[Sample], val: float, test: float) -> dict[str, list[Sample]]:
+        if groups:
+            return grouped_split(samples, groups, val, test, seed, index.class_names)
+        return stratified_split(samples, val, test, seed, index.class_names)
+
     if index.presplit is None:
-        return stratified_split(index.samples, val_fraction, test_fraction, seed, index.class_names)
+        return split(index.samples, val_fraction, test_fraction)
     given = index.presplit
+    if groups:
+        check_group_leak(given, groups, allow_group_leak)
     carve_val = 0.0 if "val" in given else val_fraction
     carve_test = 0.0 if "test" in given else test_fraction
-    carved = stratified_split(given["train"], carve_val, carve_test, seed, index.class_names)
+    carved = split(given["train"], carve_val, carve_test)
     return {
         "train": carved["train"],
         "val": list(given["val"]) if "val" in given else carved["val"],
@@ -139,11 +170,23 @@ def save_split(path: Path, splits: dict[str, list[Sample]], index: DatasetIndex,
             name: [[_relative(s.path, root), s.label] for s in splits.get(name, [])] for name in SPLIT_NAMES
         },
     }
+    if index.groups:
+        document["groups"] = {_relative(s.path, root): index.groups[s.path] for part in splits.values() for s in part}
+        document["class_proportions"] = class_proportions(splits, list(index.class_names))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(document, indent=1))
     tmp.replace(path)  # never leave a half-written split behind
+
+
+def load_split_groups(path: Path) -> dict[Path, str] | None:
+    """{image path: group} recorded by save_split, or None for an ungrouped split."""
+    document = json.loads(Path(path).read_text())
+    if "groups" not in document:
+        return None
+    root = Path(document["root"])
+    return {Path(os.path.normpath(root / rel)): str(group) for rel, group in document["groups"].items()}
 
 
 def load_split(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:

@@ -1,0 +1,101 @@
+"""Decision thresholds chosen on validation for a target sensitivity, specificity or recall.
+
+A screening model is read at an operating point, not at argmax: "95 % of pneumonias flagged"
+fixes the threshold on the validation split, and the test split then says what that costs in
+specificity and PPV (with confidence intervals, from `bootstrap`). Thresholds are chosen so
+that the target is reached on validation (ties at the threshold count as flagged).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+
+def threshold_for_sensitivity(is_positive: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest threshold t for which score >= t flags at least `target` of the positives."""
+    positives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(is_positive, dtype=bool)])[::-1]
+    if len(positives) == 0:
+        raise ValueError("no positive images to choose a sensitivity threshold on")
+    needed = max(1, math.ceil(target * len(positives) - 1e-9))
+    return float(positives[needed - 1])
+
+
+def threshold_for_specificity(is_positive: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The lowest threshold t for which score < t clears at least `target` of the negatives."""
+    negatives = np.sort(np.asarray(scores, dtype=np.float64)[~np.asarray(is_positive, dtype=bool)])
+    if len(negatives) == 0:
+        raise ValueError("no negative images to choose a specificity threshold on")
+    needed = math.ceil(target * len(negatives) - 1e-9)
+    if needed <= 0:
+        return float(negatives[0])
+    # Just above the needed-th lowest negative score, so that it and every tie of it are cleared.
+    return float(np.nextafter(negatives[needed - 1], np.inf))
+
+
+def class_recall_thresholds(labels: np.ndarray, probabilities: np.ndarray, targets: dict[int, float]) -> dict[int, float]:
+    """Per class, the highest probability threshold that keeps its recall at the target on these images."""
+    labels = np.asarray(labels)
+    return {k: threshold_for_sensitivity(labels == k, probabilities[:, k], target) for k, target in sorted(targets.items())}
+
+
+def binary_rates(is_positive: np.ndarray, flagged: np.ndarray) -> dict[str, float | None]:
+    """Sensitivity, specificity, PPV, NPV and F1 of flagged-as-positive decisions."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    flagged = np.asarray(flagged, dtype=bool)
+    tp = int((is_positive & flagged).sum())
+    fn = int((is_positive & ~flagged).sum())
+    fp = int((~is_positive & flagged).sum())
+    tn = int((~is_positive & ~flagged).sum())
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {"sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp), "ppv": ratio(tp, tp + fp),
+            "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def plot_roc_pr(is_positive: np.ndarray, scores: np.ndarray, folder: Path, positive_name: str,
+                threshold: float | None = None, split: str = "test") -> list[Path]:
+    """roc_<split>.png and pr_<split>.png with AUROC / average precision, the operating point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    is_positive = np.asarray(is_positive, dtype=bool)
+    if is_positive.all() or not is_positive.any():
+        return []  # curves need both classes
+    fpr, tpr, _ = roc_curve(is_positive, scores)
+    precision, recall, _ = precision_recall_curve(is_positive, scores)
+    auroc = roc_auc_score(is_positive, scores)
+    ap = average_precision_score(is_positive, scores)
+    point = None
+    if threshold is not None:
+        rates = binary_rates(is_positive, np.asarray(scores) >= threshold)
+        point = rates
+    paths = [folder / f"roc_{split}.png", folder / f"pr_{split}.png"]
+    for path, (x, y, xlabel, ylabel, title) in zip(paths, (
+        (fpr, tpr, "1 - specificity", "sensitivity", f"ROC, {split} ({positive_name} positive): AUROC {auroc:.3f}"),
+        (recall, precision, "recall (sensitivity)", "precision (PPV)", f"PR, {split} ({positive_name}): AP {ap:.3f}"),
+    )):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot(x, y, drawstyle="steps-post")
+        if point is not None and point["sensitivity"] is not None:
+            px = 1 - point["specificity"] if path.stem.startswith("roc") else point["sensitivity"]
+            py = point["sensitivity"] if path.stem.startswith("roc") else point["ppv"]
+            if py is not None:
+                ax.plot([px], [py], "o", color="red", label=f"threshold {threshold:.3f}")
+                ax.legend(loc="lower right" if path.stem.startswith("roc") else "lower left")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return paths
