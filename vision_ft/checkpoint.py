@@ -37,13 +37,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vision_ft.errors import VisionFTError
+from vision_ft.run_folder import CHECKPOINTS, PREVIOUS, checkpoint_folder  # noqa: F401 - re-exported
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
-CHECKPOINTS = "checkpoints"
-PREVIOUS = ".checkpoints.previous"
 TEMP_PREFIX = ".checkpoints.tmp-"
 EPOCH_KEY = "vision_ft.epoch"  # in the safetensors header of every weights file
 _HASH_CHUNK = 1 << 20
@@ -225,16 +224,6 @@ def recover_checkpoints(checkpoints: Path) -> list[str]:
         leftover.unlink(missing_ok=True)
         done.append(f"removed {leftover.relative_to(parent)}")
     return done
-
-
-def checkpoint_folder(checkpoints: Path, which: str) -> Path:
-    """`checkpoints/<which>`, or its copy in PREVIOUS while a save is between its two renames."""
-    folder = checkpoints / which
-    if not folder.exists() and not checkpoints.exists():
-        previous = checkpoints.parent / PREVIOUS / which
-        if previous.is_dir():
-            return previous
-    return folder
 
 
 # ---------------------------------------------------------------- reading and verification

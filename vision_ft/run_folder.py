@@ -12,11 +12,23 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vision_ft.checkpoint import CHECKPOINTS, checkpoint_folder
 from vision_ft.errors import VisionFTError
 from vision_ft.run_lock import LOCK_FILE, RunLock
 
 MARKER = ".vision-ft-run"
+CHECKPOINTS = "checkpoints"
+# Where the previous checkpoints/ waits while a new one is switched in (see vision_ft.checkpoint).
+PREVIOUS = ".checkpoints.previous"
+
+
+def checkpoint_folder(checkpoints: Path, which: str) -> Path:
+    """`checkpoints/<which>`, or its copy in PREVIOUS while a save is between its two renames."""
+    folder = checkpoints / which
+    if not folder.exists() and not checkpoints.exists():
+        previous = checkpoints.parent / PREVIOUS / which
+        if previous.is_dir():
+            return previous
+    return folder
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,33 @@ from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
 
 UNCERTAIN = "uncertain"
+# The label of an image the model gave no usable answer for (non-finite outputs, an unreadable
+# file skipped on request); `Prediction.error` says why. Never one of the class names.
+ERROR = "error"
+NON_FINITE = "the model's output is not finite (NaN or inf): its weights are damaged or it overflowed on this image"
 DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result. `label` is `UNCERTAIN` when `score` fell below the threshold."""
+    """One image's result. `label` is `UNCERTAIN` when `score` fell below the threshold, `ERROR`
+    (with `error` saying why) when the model's outputs for the image are not finite numbers."""
 
     label: str
-    score: float  # probability of the most likely class
-    top_class: str  # the most likely class, also when the label is UNCERTAIN
+    score: float  # probability of the most likely class (NaN with ERROR)
+    top_class: str  # the most likely class, also when the label is UNCERTAIN ("" with ERROR)
     probabilities: np.ndarray  # one per class, in `OnnxClassifier.class_names` order
+    error: str | None = None
+
+
+def decide(probs: np.ndarray, class_names: Sequence[str], threshold: float | None) -> Prediction:
+    """The Prediction for one row of probabilities: NaN never becomes a label, nor passes a threshold."""
+    if not np.all(np.isfinite(probs)):
+        return Prediction(ERROR, float("nan"), "", probs, NON_FINITE)
+    best = int(np.argmax(probs))
+    score = float(probs[best])
+    label = UNCERTAIN if threshold is not None and not score >= threshold else class_names[best]
+    return Prediction(label, score, class_names[best], probs)
 
 
 def session_options(threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
@@ -87,10 +103,13 @@ def open_session(path: Path | str, threads: int | None = None, providers: Sequen
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, computed in float64 (stable for large logits)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    """Row-wise softmax, computed in float64 (stable for large logits); a row with a non-finite
+    logit comes out all NaN, so it can never look like a confident answer."""
+    values = logits.astype(np.float64)
+    finite = np.isfinite(values).all(axis=1, keepdims=True)
+    values = np.where(finite, values, 0.0)
+    exp = np.exp(values - values.max(axis=1, keepdims=True))
+    return np.where(finite, exp / exp.sum(axis=1, keepdims=True), np.nan)
 
 
 class OnnxClassifier:
@@ -122,6 +141,14 @@ class OnnxClassifier:
         if len(shape) != 4 or [d if isinstance(d, int) else None for d in shape[1:]] != expected:
             raise VisionFTError(
                 f"{self.source}: input shape {shape} does not match its metadata (N x {expected}); export the model again"
+            )
+        output_shape = next(o.shape for o in self.session.get_outputs() if o.name == meta.output_name)
+        classes = output_shape[-1] if output_shape else None
+        if isinstance(classes, int) and classes != len(meta.class_names):
+            # Checked here and not per call: a mismatch would label images with the wrong names.
+            raise VisionFTError(
+                f"{self.source}: the graph outputs {classes} scores but its metadata names {len(meta.class_names)} "
+                "classes; export the model again"
             )
 
     @property
@@ -155,7 +182,13 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs (N x classes) for a preprocessed batch."""
         meta = self.metadata
-        return self.session.run([meta.output_name], {meta.input_name: batch})[0]
+        logits = self.session.run([meta.output_name], {meta.input_name: batch})[0]
+        if logits.ndim != 2 or logits.shape[1] != len(meta.class_names):
+            raise VisionFTError(
+                f"{self.source}: the graph returned scores of shape {logits.shape} for {len(meta.class_names)} "
+                "classes in its metadata; export the model again"
+            )
+        return logits
 
     def predict_proba(
         self,
@@ -193,13 +226,7 @@ class OnnxClassifier:
         """A Prediction per image; below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
         check_threshold(threshold)
         names = self.class_names
-        predictions = []
-        for probs in self.predict_proba(images, batch_size):
-            best = int(np.argmax(probs))
-            score = float(probs[best])
-            label = UNCERTAIN if threshold is not None and score < threshold else names[best]
-            predictions.append(Prediction(label, score, names[best], probs))
-        return predictions
+        return [decide(probs, names, threshold) for probs in self.predict_proba(images, batch_size)]
 
     def predict_one(self, image: ImageSource, threshold: float | None = None) -> Prediction:
         """`predict` for a single path, array or Pillow image."""
@@ -240,4 +267,7 @@ def mark_uncertain(rows: list[list[str]], threshold: float | None) -> list[list[
     check_threshold(threshold)
     if threshold is None:
         return rows
-    return [[row[0], UNCERTAIN, *row[2:]] if float(row[2]) < threshold else row for row in rows]
+    # Error rows (label ERROR, empty score) stay as they are: NaN is below every threshold, but
+    # "error" says more than "uncertain".
+    return [[row[0], UNCERTAIN, *row[2:]] if row[1] != ERROR and not float(row[2]) >= threshold else row
+            for row in rows]
