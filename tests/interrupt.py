@@ -48,7 +48,7 @@ owner = importlib.import_module(module_name)
 if attribute == "os.replace":
     owner, attribute = owner.os, "replace"
 real = getattr(owner, attribute)
-import vision_ft.train as train_module
+train_module = importlib.import_module("vision_ft.train")  # the module, not vision_ft.train the function
 current = {"epoch": 0}
 real_epoch = train_module._train_one_epoch
 def counting_epoch(*args, **kwargs):
@@ -72,12 +72,13 @@ sys.exit(main(argv))
 '''
 
 
-def train_and_kill(argv: list[str], moment: str, epoch: int, timeout: float = 300) -> int:
-    """Run `vision-ft <argv>` in a new process that SIGKILLs itself at `moment` of `epoch`; its exit code."""
+def train_and_kill(argv: list[str], moment: str, epoch: int, timeout: float = 300) -> tuple[int, str]:
+    """Run `vision-ft <argv>` in a new process that SIGKILLs itself at `moment` of `epoch`;
+    (its exit code, the end of its stderr)."""
     import json
     import subprocess
     import sys
 
     payload = json.dumps([moment, KILL_MOMENTS[moment], epoch, argv])
-    return subprocess.run([sys.executable, "-c", _DRIVER, payload], timeout=timeout,
-                          capture_output=True).returncode
+    done = subprocess.run([sys.executable, "-c", _DRIVER, payload], timeout=timeout, capture_output=True, text=True)
+    return done.returncode, done.stderr[-2000:]

@@ -59,8 +59,8 @@ def uninterrupted(tiny_neu, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("moment", list(KILL_MOMENTS))
 def test_killed_mid_save_resumes_to_the_uninterrupted_result(moment, tiny_neu, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    code = train_and_kill(["train", "--data", str(tiny_neu), "--out", str(run), *TINY], moment, epoch=2)
-    assert code == -9, f"the training process was not killed at {moment} (exit {code})"
+    code, stderr = train_and_kill(["train", "--data", str(tiny_neu), "--out", str(run), *TINY], moment, epoch=2)
+    assert code == -9, f"the training process was not killed at {moment} (exit {code}): {stderr}"
 
     # What the crash left: never a mix of epochs, at worst a leftover the next command removes.
     if moment == "weights_written":

@@ -119,10 +119,12 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Label images whose top score is below this probability 'uncertain' (for manual inspection).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
+    skip_bad_images: Annotated[bool, typer.Option(
+        "--skip-bad-images", help="List unreadable images in the output (label 'error', reason in the error column) instead of stopping.")] = False,
 ) -> None:
-    """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
+    """Label images with a trained run or an exported ONNX model; CSV with path, label, score, top-k scores and error."""
     import vision_ft
-    from vision_ft.predict import collect_images, prediction_header, prediction_rows, write_predictions_csv
+    from vision_ft.predict import collect_images, prediction_header, prediction_rows, readable_images, write_predictions_csv
     from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
 
     check_threshold(threshold)
@@ -131,16 +133,20 @@ def predict(
 
         model = load_model(source)
         images = collect_images(path)
+        readable, skipped = readable_images(images, skip_bad_images)
         class_names = model.class_names
-        with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
-            probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
+        with tqdm(total=len(readable), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
+            probs = model.predict_proba(readable, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
     else:
         run = vision_ft.load_run(source)
         images = collect_images(path)
+        readable, skipped = readable_images(images, skip_bad_images)
         class_names = run.class_names
-        probs = run.predict_proba(images, batch_size)
+        probs = run.predict_proba(readable, batch_size)
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} (label 'error' in the output)", err=True)
     top_k = max(1, min(top_k, len(class_names)))
-    header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k)
+    header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k, skipped)
     rows = mark_uncertain(rows, threshold)
     if out:
         write_predictions_csv(out, header, rows)

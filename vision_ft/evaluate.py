@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
@@ -50,7 +52,7 @@ def evaluate_run(
             raise VisionFTError(f"{data} has no '{split}' split folder; drop --split to evaluate every image")
         samples = index.presplit[split]
     samples = _relabel(samples, index.class_names, loaded.class_names, Path(data))
-    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers))
+    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers), max_pixels=cfg.data.max_pixels)
     if bad and not skip_bad_images:
         raise VisionFTError(
             f"{len(bad)} unreadable images in {data}, e.g. {bad[0][0]} ({bad[0][1]}); remove them or pass --skip-bad-images"
@@ -58,10 +60,16 @@ def evaluate_run(
     bad_paths = {p for p, _ in bad}
     samples = [s for s in samples if s.path not in bad_paths]
     dataset = ImageDataset(samples, build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
+                           cfg.data.channels, cfg.data.image_size, max_pixels=cfg.data.max_pixels)
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
                           workers=cfg.data.workers if workers is None else workers)
     probs, labels = predict_loader(loaded.model, loader, device=next(loaded.model.parameters()).device)
+    broken = int((~np.isfinite(probs).all(axis=1)).sum())
+    if broken:
+        raise VisionFTError(
+            f"the {checkpoint} checkpoint of {run_dir} gives non-finite outputs (NaN or inf) for {broken} of "
+            f"{len(probs)} images; its weights are damaged: restore the run folder or train it again"
+        )
     metrics = evaluate_probs(probs, labels, loaded.class_names, cfg.train.label_smoothing)
     metrics["data"] = str(data)
     metrics["skipped_unreadable"] = len(bad)

@@ -16,7 +16,7 @@ from vision_ft.data.loaders import build_loader
 from vision_ft.data.transforms import build_transforms
 from vision_ft.predict import collect_images
 from vision_ft.run_model import LoadedRun
-from vision_ft.runtime import UNCERTAIN, Prediction, check_threshold
+from vision_ft.runtime import Prediction, check_threshold, decide
 from vision_ft.train import predict_loader
 
 
@@ -38,7 +38,7 @@ def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None
     # ImageDataset decodes with load_image, which takes paths, arrays and Pillow images alike.
     dataset = ImageDataset([Sample(source, 0) for source in sources],
                            build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
+                           cfg.data.channels, cfg.data.image_size, max_pixels=cfg.data.max_pixels)
     files_only = all(isinstance(source, Path) for source in sources)
     # Worker processes would pickle in-memory images for nothing; files are decoded in parallel.
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
@@ -48,12 +48,7 @@ def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None
 
 
 def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None) -> list[Prediction]:
-    """A Prediction per row of `probs`; below `threshold` the label is UNCERTAIN (as the ONNX runtime does)."""
+    """A Prediction per row of `probs`; below `threshold` the label is UNCERTAIN, for non-finite
+    outputs ERROR (as the ONNX runtime does)."""
     check_threshold(threshold)
-    result = []
-    for row in probs:
-        best = int(np.argmax(row))
-        score = float(row[best])
-        label = UNCERTAIN if threshold is not None and score < threshold else class_names[best]
-        result.append(Prediction(label, score, class_names[best], row))
-    return result
+    return [decide(row, class_names, threshold) for row in probs]

@@ -115,7 +115,7 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
         log.info("grouped by %s: %d groups; class proportions %s", config.data.group_by, len(set(index.groups.values())),
                  class_proportions(splits, index.class_names))
     every_path = [s.path for part in splits.values() for s in part]
-    bad = find_bad_images(every_path, workers=max(1, config.data.workers))
+    bad = find_bad_images(every_path, workers=max(1, config.data.workers), max_pixels=config.data.max_pixels)
     if bad:
         listed = ", ".join(f"{p} ({why})" for p, why in bad[:3])
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -320,13 +320,17 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
     run, class_names, splits = _prepare_run(config, out, force, resume, context, lock)
     try:
         return _run_training(config, run, class_names, splits, resume, context, callbacks)
-    except VisionFTError:
+    except VisionFTError as exc:
         # A new run that failed before its first checkpoint (weights that do not fit, no network
         # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
         # command run without --force. A resumed or checkpointed run is kept for --resume.
         if not resume and context.is_main and not (run.last / "state.json").is_file():
             _setup_logging(context, None)  # closes train.log before its folder goes
             shutil.rmtree(run.root, ignore_errors=True)
+            raise
+        if context.is_main and not resume:  # say how the corrected command gets past the kept folder
+            raise VisionFTError(f"{exc}; {run.root} keeps the epochs done: continue with --resume or start "
+                                "over with --force") from None
         raise
     finally:
         for callback in callbacks:
@@ -353,10 +357,12 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
 
     data_cfg = config.data
     train_set = ImageDataset(splits["train"], build_transforms(data_cfg.augment.train, mean, std, train=True),
-                             data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images)
+                             data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images,
+                             max_pixels=data_cfg.max_pixels)
     eval_transform = build_transforms([], mean, std, train=False)
     eval_sets = {
-        name: ImageDataset(splits[name], eval_transform, data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images)
+        name: ImageDataset(splits[name], eval_transform, data_cfg.channels, data_cfg.image_size, skip_bad=data_cfg.skip_bad_images,
+                           max_pixels=data_cfg.max_pixels)
         for name in ("val", "test") if splits.get(name)
     }
     batch = config.train.batch_size

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from vision_ft.data.decode import load_image
+from vision_ft.data.decode import MAX_PIXELS, load_image
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import mixed_seed, seed_process
 from vision_ft.errors import VisionFTError
@@ -37,6 +37,7 @@ class ImageDataset(Dataset):
         channels: int,
         image_size: int,
         skip_bad: bool = False,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
         if channels not in (1, 3):
             raise VisionFTError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
@@ -46,6 +47,7 @@ class ImageDataset(Dataset):
         self.channels = channels
         self.image_size = image_size
         self.skip_bad = skip_bad
+        self.max_pixels = max_pixels
         self._bad: set[int] = set()  # per process: each worker learns on its own
         self._epoch_seed: int | None = None  # per process, like _bad
 
@@ -86,10 +88,11 @@ class ImageDataset(Dataset):
                 continue
             sample = self.samples[current]
             try:
-                image = load_image(sample.path, self.channels, self.image_size)
+                image = load_image(sample.path, self.channels, self.image_size, self.max_pixels)
             except VisionFTError as exc:
                 if not self.skip_bad:
-                    raise
+                    # train, eval and predict, the commands reading through this class, all take the option.
+                    raise VisionFTError(f"{exc}, or pass --skip-bad-images") from None
                 self._bad.add(current)
                 log.warning("skipping unreadable image: %s", exc)
                 continue
