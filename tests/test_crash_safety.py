@@ -3,8 +3,13 @@ save resumes to exactly the uninterrupted result; damaged checkpoints end in one
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +26,9 @@ from vision_ft.errors import VisionFTError
 
 CLASSES = ("crazing", "inclusion", "scratches")
 # test_resnet: timm's 0.4 M-parameter ResNet for tests; the save logic does not depend on size.
-TINY = ["--model", "test_resnet", "--weights", "none", "--set", "data.image_size=32", "--set", "data.workers=0",
+# Two loader workers and the default augmentation list: the resumed runs must repeat each
+# worker's augmentations bit for bit.
+TINY = ["--model", "test_resnet", "--weights", "none", "--set", "data.image_size=32", "--set", "data.workers=2",
         "--set", "train.batch_size=8", "--set", "train.epochs=2", "--set", "export.onnx=false",
         "--set", "train.early_stopping.patience=10"]
 
@@ -187,3 +194,113 @@ def test_metrics_log_is_reconciled_with_the_checkpoint(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in [*history, {"epoch": 3}]))
     with pytest.raises(VisionFTError, match="ends at epoch 3 but the last checkpoint is of epoch 2"):
         reconcile_metrics_log(log, state)
+
+
+# ---------------------------------------------------------------- SIGTERM, a second process, damaged runs
+
+
+@pytest.mark.slow
+@needs_neu
+def test_sigterm_stops_workers_at_once_and_the_run_resumes_exactly(tiny_neu, uninterrupted, tmp_path, capsys):
+    psutil = pytest.importorskip("psutil")
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from vision_ft.cli import main; sys.exit(main(sys.argv[1:]))",
+                                "train", "--data", str(tiny_neu), "--out", str(run), *TINY],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 240
+    while len(parent.children(recursive=True)) < 2:  # the loader's workers are up: training has begun
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.05)
+    workers = parent.children(recursive=True)
+
+    # Item 3 with a real trainer: a second process gets one line naming the holder.
+    assert main(["train", "--resume", "--out", str(run)]) == 2
+    assert f"in use by process {process.pid}" in capsys.readouterr().err
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    assert "continue a training run with --resume" in process.stderr.read()
+    alive = []
+    for worker in workers:
+        try:
+            if worker.status() != psutil.STATUS_ZOMBIE:
+                alive.append(worker.pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert alive == [], "loader workers outlived the stopped training process"
+
+    assert main(["train", "--resume", "--out", str(run)]) == 0
+    assert _rows(run) == _rows(uninterrupted)
+    reference, resumed = _weights(uninterrupted), _weights(run)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+@pytest.fixture
+def copied_run(uninterrupted, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    return run
+
+
+@pytest.mark.slow
+@needs_neu
+@pytest.mark.parametrize("damage", ["truncated model", "zero-byte optimizer", "garbage state"])
+def test_damaged_checkpoints_end_every_command_in_one_line(copied_run, tiny_neu, tmp_path, capsys, damage):
+    run = copied_run
+    for which in ("best", "last"):
+        folder = run / "checkpoints" / which
+        if damage == "truncated model":
+            data = (folder / MODEL_FILE).read_bytes()
+            (folder / MODEL_FILE).write_bytes(data[: len(data) // 3])
+        elif damage == "garbage state":
+            (folder / STATE_FILE).write_text('{"epoch": 2, "hist')
+        elif which == "last":
+            (folder / OPTIMIZER_FILE).write_bytes(b"")
+    commands = [["train", "--resume", "--set", "train.epochs=3", "--out", str(run)]]
+    if damage != "zero-byte optimizer":  # the optimizer is only read to resume
+        commands += [["eval", str(run), "--data", str(tiny_neu)], ["predict", str(run), str(tiny_neu / "crazing")],
+                     ["export", str(run), "--out", str(tmp_path / "m.onnx")]]
+    for argv in commands:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: checkpoint ") and "is damaged" in err and "\n" not in err, (argv, err)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+@needs_neu
+def test_nan_weights_never_label_an_image(copied_run, tiny_neu, tmp_path, capsys):
+    from vision_ft.checkpoint import save_checkpoint
+    from vision_ft.run_model import load_run
+
+    loaded = load_run(copied_run)
+    state = verify_checkpoint(copied_run / "checkpoints" / "best")
+    with torch.no_grad():
+        for parameter in loaded.model.parameters():
+            parameter.fill_(float("nan"))
+    save_checkpoint(copied_run / "checkpoints" / "best", loaded.model, state)  # intact files, NaN values
+
+    capsys.readouterr()
+    assert main(["eval", str(copied_run), "--data", str(tiny_neu)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "non-finite outputs" in err and "\n" not in err
+    for extra in ([], ["--threshold", "0.99"]):
+        out = tmp_path / f"preds{len(extra)}.csv"
+        assert main(["predict", str(copied_run), str(tiny_neu / "crazing"), "--out", str(out), *extra]) == 0
+        rows = list(csv.DictReader(out.open()))
+        assert rows and all(r["label"] == "error" and r["score"] == "" for r in rows)
+
+
+@pytest.mark.slow
+@needs_neu
+def test_a_diverging_run_leaves_nothing_that_blocks_the_corrected_command(tiny_neu, tmp_path, capsys):
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--data", str(tiny_neu), "--out", str(run), *TINY, "--set", "train.lr=1e38",
+                 "--set", "train.warmup_epochs=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the loss became" in err and "\n" not in err
+    assert not run.exists()
+    assert main(["train", "--data", str(tiny_neu), "--out", str(run), *TINY, "--set", "train.epochs=1"]) == 0
