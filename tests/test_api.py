@@ -118,10 +118,13 @@ def neu_small(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cli_and_api_runs(neu_small, tmp_path_factory) -> tuple[Path, "vision_ft.Run"]:
     root = tmp_path_factory.mktemp("runs")
-    sets = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+    # Both runs also log to one local MLflow store (a file in the test's folder, nothing remote).
+    tracking = {"logging.mlflow": True, "logging.mlflow_tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
+    settings = {**SETTINGS, **tracking}
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     assert main(["train", "--data", str(neu_small), "--model", "resnet18", "--weights", "none",
                  "--out", str(root / "cli"), *sets]) == 0
-    run = vision_ft.train(data=neu_small, model="resnet18", weights="none", out=root / "api", **SETTINGS)
+    run = vision_ft.train(data=neu_small, model="resnet18", weights="none", out=root / "api", **settings)
     return root / "cli", run
 
 
@@ -184,3 +187,63 @@ def test_resume_from_python_continues_the_run(cli_and_api_runs, tmp_path):
     resumed = vision_ft.train(out=copy, resume=True, train={"epochs": 3})
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
     assert resumed.result.epochs_run == 3
+
+
+# ---------------------------------------------------------------- experiment logs
+
+
+@pytest.mark.slow
+@needs_neu
+def test_every_run_writes_tensorboard_scalars_lr_groups_and_confusion_images(cli_and_api_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = cli_and_api_runs
+    assert list(run.path.glob("events.out.tfevents.*")), "no TensorBoard event file next to metrics.jsonl"
+    events = EventAccumulator(str(run.path)).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("train/loss", "val/loss", "val/accuracy", "val/macro_f1", "lr/fc", "lr/layer4", "lr/conv1+bn1", "best/test/accuracy"):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("val/macro_f1")] == [1, 2]
+    logged = [e.value for e in events.Scalars("val/macro_f1")]
+    np.testing.assert_allclose(logged, [row["val_macro_f1"] for row in run.history], rtol=1e-6)
+    assert {"confusion_matrix/val", "confusion_matrix/test"} <= set(events.Tags()["images"])
+
+
+@pytest.mark.slow
+@needs_neu
+def test_mlflow_gets_params_metrics_and_artifacts_locally(cli_and_api_runs):
+    from mlflow import MlflowClient
+
+    _, run = cli_and_api_runs
+    record = json.loads((run.path / "mlflow_run.json").read_text())
+    assert record["tracking_uri"].startswith("sqlite:///")
+    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    logged = client.get_run(record["run_id"])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["train.epochs"] == "2" and logged.data.params["model.name"] == "resnet18"
+    history = client.get_metric_history(record["run_id"], "val_macro_f1")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(record["run_id"])}
+    assert {"config.yaml", "metrics.json", "split.json", "plots"} <= artifacts
+
+
+def test_metrics_rows_become_tensorboard_names_and_lr_groups_collapse():
+    from vision_ft.callbacks import group_learning_rates
+    from vision_ft.experiment_log import _numbers
+
+    row = {"epoch": 3, "train_loss": 0.5, "val_macro_f1": 0.8, "lr": 1e-4, "seconds": 2.0}
+    assert _numbers(row) == {"train/loss": 0.5, "val/macro_f1": 0.8, "epoch/lr": 1e-4, "epoch/seconds": 2.0}
+    groups = [{"layer_group": "fc", "lr": 1e-3}, {"layer_group": "fc", "lr": 1e-3}, {"layer_group": "layer4", "lr": 5e-4}]
+    assert group_learning_rates(groups) == {"fc": 1e-3, "layer4": 5e-4}
+
+
+def test_mlflow_missing_is_one_line(monkeypatch):
+    import importlib.util as util
+
+    from vision_ft.experiment_log import check_mlflow
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(VisionFTError, match=r"MLflow is not installed; pip install 'vision-ft\[mlflow\]'"):
+        check_mlflow(resolve_config(logging={"mlflow": True}))
+    check_mlflow(resolve_config())  # not asked for: no error

@@ -25,12 +25,11 @@ _LAZY = {
     "load_run": "vision_ft.api",
     "Run": "vision_ft.api",
     "resolve_config": "vision_ft.api",
-    "tune": "vision_ft.tune.search",
     "TrainingCallback": "vision_ft.callbacks",
     "VisionFTError": "vision_ft.errors",
 }
 
-__all__ = ["train", "cross_validate", *_LAZY]
+__all__ = ["train", "tune", "cross_validate", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -48,21 +47,26 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vision_ft' has no attribute '{name}'")
 
 
+def _public_function(name: str, module: str) -> property:
+    """A package attribute that always returns the function `module.name`."""
+
+    def get(package: types.ModuleType) -> Any:
+        return getattr(__import__(module, fromlist=[name]), name)
+
+    def ignore_submodule(package: types.ModuleType, submodule: Any) -> None:
+        pass  # the import system's rebinding; sys.modules keeps the submodule
+
+    return property(get, ignore_submodule, doc=f"{module}.{name}")
+
+
 class _Package(types.ModuleType):
-    """`vision_ft.train` is the public training function, but vision_ft/train.py (the loop) has the
-    same name, and Python rebinds a package attribute to its submodule once that is imported.
-    This property keeps the public name on the function; the loop module stays importable as
-    `from vision_ft.train import ...` (it lives in sys.modules)."""
+    """`vision_ft.train` and `vision_ft.tune` are public functions, but vision_ft/train.py (the loop)
+    and vision_ft/tune/ (the search) have the same names, and Python rebinds a package attribute
+    to its submodule once that is imported. These properties keep the public names on the
+    functions; the modules stay importable by their full names (`from vision_ft.train import ...`)."""
 
-    @property
-    def train(self) -> Any:
-        from vision_ft.api import train
-
-        return train
-
-    @train.setter
-    def train(self, submodule: Any) -> None:
-        pass  # the import system's rebinding; sys.modules["vision_ft.train"] keeps the module
+    train = _public_function("train", "vision_ft.api")
+    tune = _public_function("tune", "vision_ft.tune.search")
 
 
 sys.modules[__name__].__class__ = _Package

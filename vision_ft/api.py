@@ -152,8 +152,10 @@ def train(
             if not cfg.data.path:
                 raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
             out = next_run_path(Path("runs"), cfg.model.name, Path(cfg.data.path))
+    from vision_ft.experiment_log import check_mlflow
     from vision_ft.train import train as run_training
 
+    check_mlflow(cfg)
     result = run_training(cfg, Path(out), force=force, resume=resume, callbacks=callbacks)
     return Run(result.run_dir, result)
 

@@ -81,6 +81,37 @@ def train(
                 _echo_metrics(f"{split} (best epoch {metrics['best_epoch']})", metrics[split])
 
 
+@app.command(name="tune")
+def tune_command(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe with a tune: section (tune.space).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a weights file.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Tune folder; the same folder again continues the search.")] = None,
+    overrides: SetOption = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Total trials in the search (earlier ones count).")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", min=1, help="Seconds to search in this call.")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL shared by workers (default: SQLite in the tune folder).")] = None,
+    best: Annotated[Optional[Path], typer.Option("--best", help="Print the winning config of this tune folder as a recipe, and stop.")] = None,
+) -> None:
+    """Hyperparameter search (Optuna TPE + median pruning) over tune.space; each trial a normal run folder."""
+    import vision_ft
+
+    if best is not None:
+        from vision_ft.tune.report import best_recipe
+
+        typer.echo(best_recipe(best, storage), nl=False)
+        return
+    result = vision_ft.tune(data=data, model=model, out=out, config=config, weights=weights, trials=trials,
+                            timeout=timeout, storage=storage, echo=typer.echo, **set_options(overrides))
+    from vision_ft.tune.report import summary_table
+
+    typer.echo("\n".join(summary_table(result.study, result.metric)))
+    typer.echo(f"summary: {result.folder.summary}  history: {result.folder.history_plot}")
+    if result.best_run is not None:
+        typer.echo(f"best run: {result.best_run}; recipe: vision-ft tune --best {result.folder.root}")
+
+
 @app.command(name="eval")
 def eval_command(
     run: Annotated[Path, typer.Argument(help="Run folder written by `vision-ft train`.")],

@@ -170,6 +170,29 @@ class EvalConfig(_Strict):
         return self
 
 
+class LoggingConfig(_Strict):
+    # TensorBoard event files in the run folder (scalars per epoch, lr per group, confusion matrices).
+    tensorboard: bool = True
+    # MLflow (pip install 'vision-ft[mlflow]'): params, metrics and artifacts, to ./mlruns unless a URI is given.
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "vision-ft"
+
+
+class TuneConfig(_Strict):
+    # `vision-ft tune`: {dotted config key: {log_uniform: [low, high]} | {uniform: [low, high]} |
+    # {int: [low, high]} | {choice: [a, b, ...]}}, checked by vision_ft.tune.space.
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # What the search maximises (minimises for loss) on the validation split; null: train.early_stopping.metric.
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] | None = None
+    trials: int | None = Field(None, ge=1)  # total trials in the study (resumed searches count earlier ones)
+    timeout: float | None = Field(None, gt=0)  # seconds for this invocation
+    # The median pruner compares a trial with earlier ones only after this many finished trials
+    # and from this epoch on: too early a comparison kills slow starters.
+    startup_trials: int = Field(3, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+
+
 class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -178,6 +201,8 @@ class Config(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
 def _allowed_keys(model_cls: type[BaseModel]) -> list[str]:
@@ -263,15 +288,31 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def _is_section(dotted: str) -> bool:
+    """Whether a dotted key names a section (a nested model) rather than a value; unknown keys
+    count as sections so that validation names the exact unknown key inside them."""
+    current: type[BaseModel] = Config
+    for part in dotted.split("."):
+        field = current.model_fields.get(part)
+        if field is None:
+            return True
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        current = annotation
+    return True
+
+
 def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Python keyword overrides as dotted keys: {"train": {"epochs": 3}} -> {"train.epochs": 3}.
 
-    Dotted names pass through ({"train.epochs": 3}); both forms may be mixed.
+    Dotted names pass through ({"train.epochs": 3}); both forms may be mixed. Dict-valued keys
+    (tune.space, eval.target_recall) stay whole.
     """
     flat: dict[str, Any] = {}
     for key, value in settings.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and _is_section(name):
             flat.update(flatten_settings(value, f"{name}."))
         else:
             flat[name] = value

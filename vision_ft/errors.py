@@ -3,3 +3,8 @@
 
 class VisionFTError(Exception):
     """A mistake in the user's input. The CLI prints it as one line, without a traceback."""
+
+
+class TrainingDiverged(VisionFTError):
+    """The loss became NaN or infinite: a setting (usually the learning rate) is too aggressive.
+    A hyperparameter search records such a trial as failed and goes on."""

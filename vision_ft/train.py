@@ -39,7 +39,8 @@ from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts, seed_training_epoch, stop_all_workers
 from vision_ft.data.split import load_split, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
-from vision_ft.errors import VisionFTError
+from vision_ft.errors import TrainingDiverged, VisionFTError
+from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.interrupts import sigterm_as_interrupt
@@ -213,7 +214,7 @@ def _train_one_epoch(
             logits = model(images).float()
             loss = loss_fn(logits, labels)
         if not torch.isfinite(loss):
-            raise VisionFTError(
+            raise TrainingDiverged(
                 f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower train.lr "
                 f"(now {config.train.lr}) or keep train.grad_clip set"
             )
@@ -319,6 +320,7 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
     _setup_logging(context, None)
     run, class_names, splits = _prepare_run(config, out, force, resume, context, lock)
     try:
+        callbacks = [*open_experiment_logs(run, config, context.is_main), *callbacks]
         return _run_training(config, run, class_names, splits, resume, context, callbacks)
     except VisionFTError as exc:
         # A new run that failed before its first checkpoint (weights that do not fit, no network
@@ -329,8 +331,8 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
             shutil.rmtree(run.root, ignore_errors=True)
             raise
         if context.is_main and not resume:  # say how the corrected command gets past the kept folder
-            raise VisionFTError(f"{exc}; {run.root} keeps the epochs done: continue with --resume or start "
-                                "over with --force") from None
+            raise type(exc)(f"{exc}; {run.root} keeps the epochs done: continue with --resume or start "
+                            "over with --force") from None
         raise
     finally:
         for callback in callbacks:

@@ -1,0 +1,1 @@
+"""Hyperparameter search over ordinary training runs (`vision-ft tune`, `vision_ft.tune`)."""
