@@ -23,3 +23,19 @@ def neu_det(shared_data: Path) -> Path:
     if not NEU.is_dir():
         pytest.skip(f"{NEU} is absent")
     return NEU
+
+
+@pytest.fixture(autouse=True)
+def restore_vision_ft_logger():
+    """Undo what a training run does to the "vision_ft" logger (its own handlers on streams the
+    test closes, propagate off), so caplog works in whatever test runs next."""
+    import logging
+
+    logger = logging.getLogger("vision_ft")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.propagate, logger.level = propagate, level
