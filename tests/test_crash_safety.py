@@ -20,7 +20,8 @@ from torch import nn
 from tests.interrupt import KILL_MOMENTS, train_and_kill
 from tests.real_data import copy_neu_subset, needs_neu
 from vision_ft.checkpoint import (MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, PREVIOUS, STATE_FILE, TEMP_PREFIX,
-                                  reconcile_metrics_log, recover_checkpoints, save_checkpoints, verify_checkpoint)
+                                  reconcile_metrics_log, recover_checkpoints, save_checkpoints, verify_checkpoint,
+                                  verify_resume_point)
 from vision_ft.cli import main
 from vision_ft.errors import VisionFTError
 
@@ -167,6 +168,16 @@ def test_weights_and_state_of_different_epochs_are_refused(tmp_path):
         verify_checkpoint(mixed)
 
 
+def test_a_best_checkpoint_from_another_epoch_is_refused_on_resume(tmp_path):
+    _save_epochs(tmp_path / "a", 1, improved_at=(1,))
+    _save_epochs(tmp_path / "b", 2, improved_at=(1, 2))
+    shutil.rmtree(tmp_path / "b" / "best")
+    shutil.copytree(tmp_path / "a" / "last", tmp_path / "b" / "best")  # intact files, wrong epoch
+    assert verify_resume_point(tmp_path / "a")["epoch"] == 1
+    with pytest.raises(VisionFTError, match="holds epoch 1, the last checkpoint names epoch 2 as best"):
+        verify_resume_point(tmp_path / "b")
+
+
 def test_recovery_after_a_crash_between_the_two_renames(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     _save_epochs(checkpoints, 2, improved_at=(1,))
@@ -220,7 +231,9 @@ def test_sigterm_stops_workers_at_once_and_the_run_resumes_exactly(tiny_neu, tmp
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     parent = psutil.Process(process.pid)
     deadline = time.monotonic() + 240
-    while len(parent.children(recursive=True)) < 2:  # the loader's workers are up: training has begun
+    first_checkpoint = run / "checkpoints" / "last" / MANIFEST_FILE
+    # Stopped in epoch 2 (or its final evaluation), with the loader's workers up.
+    while not first_checkpoint.exists() or len(parent.children(recursive=True)) < 2:
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
         time.sleep(0.05)
     workers = parent.children(recursive=True)
@@ -275,8 +288,8 @@ def test_damaged_checkpoints_end_every_command_in_one_line(copied_run, tiny_neu,
     for argv in commands:
         capsys.readouterr()
         assert main(argv) == 2, argv
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: checkpoint ") and "is damaged" in err and "\n" not in err, (argv, err)
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the training log, if any
+        assert err.startswith("error: checkpoint ") and "is damaged" in err, (argv, err)
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -306,12 +319,22 @@ def test_nan_weights_never_label_an_image(copied_run, tiny_neu, tmp_path, capsys
 
 @pytest.mark.slow
 @needs_neu
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(tiny_neu, tmp_path, monkeypatch):
+    from tests.interrupt import interrupt_at_epoch
+
+    interrupt_at_epoch(monkeypatch, 1)
+    assert main(["train", "--data", str(tiny_neu), "--out", str(tmp_path / "run"), *TINY]) == 130
+    assert not (tmp_path / "run").exists()  # the same command runs again as it is
+
+
+@pytest.mark.slow
+@needs_neu
 def test_a_diverging_run_leaves_nothing_that_blocks_the_corrected_command(tiny_neu, tmp_path, capsys):
     run = tmp_path / "run"
     capsys.readouterr()
     assert main(["train", "--data", str(tiny_neu), "--out", str(run), *TINY, "--set", "train.lr=1e38",
                  "--set", "train.warmup_epochs=0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "the loss became" in err and "\n" not in err
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the training log
+    assert err.startswith("error: the loss became"), err
     assert not run.exists()
     assert main(["train", "--data", str(tiny_neu), "--out", str(run), *TINY, "--set", "train.epochs=1"]) == 0

@@ -297,6 +297,19 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     return state
 
 
+def verify_resume_point(checkpoints: Path) -> dict[str, Any]:
+    """The state of `last/` after verifying `last/` and `best/`, and that `best/` is the epoch
+    `last/` names as best (they are written as one unit, so only an edit can split them)."""
+    state = verify_checkpoint(checkpoint_folder(checkpoints, "last"))
+    best = checkpoint_folder(checkpoints, "best")
+    if best.is_dir():
+        best_epoch = verify_checkpoint(best)["epoch"]
+        if best_epoch != state.get("best_epoch"):
+            raise _damaged(best, f"it holds epoch {best_epoch}, the last checkpoint names epoch "
+                                 f"{state.get('best_epoch')} as best")
+    return state
+
+
 def load_state(folder: Path) -> dict[str, Any]:
     """The JSON state of a checkpoint folder, verified (see `verify_checkpoint`)."""
     return verify_checkpoint(folder)

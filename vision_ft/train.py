@@ -29,7 +29,7 @@ from tqdm import tqdm
 from vision_ft import distributed
 from vision_ft.callbacks import TrainingCallback, group_learning_rates
 from vision_ft.checkpoint import (append_metrics_line, load_model_weights, load_optimizer_state, reconcile_metrics_log,
-                                  recover_checkpoints, save_checkpoints, verify_checkpoint)
+                                  recover_checkpoints, save_checkpoints, verify_resume_point)
 from vision_ft.config import Config, save_config
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
@@ -322,15 +322,15 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
     try:
         callbacks = [*open_experiment_logs(run, config, context.is_main), *callbacks]
         return _run_training(config, run, class_names, splits, resume, context, callbacks)
-    except VisionFTError as exc:
-        # A new run that failed before its first checkpoint (weights that do not fit, no network
-        # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
-        # command run without --force. A resumed or checkpointed run is kept for --resume.
+    except (VisionFTError, KeyboardInterrupt) as exc:
+        # A new run that failed or was stopped before its first checkpoint (weights that do not
+        # fit, a diverging loss, Ctrl-C in epoch 1) leaves nothing worth keeping; removing it lets
+        # the corrected command run without --force. A resumed or checkpointed run is kept.
         if not resume and context.is_main and not (run.last / "state.json").is_file():
             _setup_logging(context, None)  # closes train.log before its folder goes
             shutil.rmtree(run.root, ignore_errors=True)
             raise
-        if context.is_main and not resume:  # say how the corrected command gets past the kept folder
+        if context.is_main and not resume and isinstance(exc, VisionFTError):  # how to get past the kept folder
             raise type(exc)(f"{exc}; {run.root} keeps the epochs done: continue with --resume or start "
                             "over with --force") from None
         raise
@@ -393,7 +393,7 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume:
-        state = verify_checkpoint(run.last)  # weights, optimizer and state of one epoch, files intact
+        state = verify_resume_point(run.checkpoints)  # weights, optimizer and state of one epoch, files intact
         if context.is_main:
             repaired = reconcile_metrics_log(run.metrics_log, state)  # ... and the log ends at that epoch
             if repaired:
