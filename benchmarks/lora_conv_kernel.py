@@ -368,6 +368,12 @@ def benchmark_training_step(model_name: str, settings: Settings) -> list[dict]:
 
 # ----------------------------------------------------------------------------- main
 
+def _write(result: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -423,23 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device_name}; torch {torch.__version__}; triton {triton.__version__}; "
           f"batch {settings.batch}, {settings.image_size} px, {settings.dtype}, rank {settings.rank}, "
           f"{'channels_last' if memory_format == torch.channels_last else 'NCHW'}")
-    all_rows: list[dict] = []
-    summaries: dict[str, dict[str, float]] = {}
-    for network, shapes in networks.items():
-        print(f"\n{network}: {sum(map(len, shapes.values()))} conv layers, {len(shapes)} shapes "
-              f"(ms per call)\n  {'shape':34s} {'n':4s}" + "".join(f" {p:>9s}" for p in PATHS))
-        rows = benchmark_layers(network, shapes, settings)
-        all_rows += rows
-        summaries[network] = summarize(rows)
-    print_side_by_side(summaries)
-
-    step_rows: list[dict] = []
-    if not args.skip_step:
-        print(f"\ntraining step, {step_network}, batch {settings.batch}, {settings.image_size} px, "
-              f"autocast {settings.dtype}, AdamW")
-        step_rows = benchmark_training_step(step_network, settings)
-
-    result = {
+    out = args.json
+    if out is None and not args.smoke:
+        out = RESULTS_DIR / f"lora_conv_kernel_{_slug(device_name)}.json"
+    result: dict = {
         "device": device_name,
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -448,18 +441,29 @@ def main(argv: list[str] | None = None) -> int:
                      "lora_alpha": LORA_ALPHA,
                      "memory_format": "channels_last" if memory_format == torch.channels_last
                      else "contiguous"},
-        "speedup_vs_unfused": {n: s["speedup_vs_unfused"] for n, s in summaries.items()},
-        "ratio_to_floor": {n: s["ratio_to_floor"] for n, s in summaries.items()},
-        "network_totals": summaries,
-        "layers": all_rows,
-        "training_step": {"network": step_network, "rows": step_rows},
+        "complete": False,
+        "speedup_vs_unfused": {}, "ratio_to_floor": {}, "network_totals": {}, "layers": [],
+        "training_step": {"network": step_network, "rows": []},
     }
-    out = args.json
-    if out is None and not args.smoke:
-        out = RESULTS_DIR / f"lora_conv_kernel_{_slug(device_name)}.json"
+    for network, shapes in networks.items():
+        print(f"\n{network}: {sum(map(len, shapes.values()))} conv layers, {len(shapes)} shapes "
+              f"(ms per call)\n  {'shape':34s} {'n':4s}" + "".join(f" {p:>9s}" for p in PATHS))
+        rows = benchmark_layers(network, shapes, settings)
+        summary = summarize(rows)
+        result["layers"] += rows
+        result["network_totals"][network] = summary
+        result["speedup_vs_unfused"][network] = summary["speedup_vs_unfused"]
+        result["ratio_to_floor"][network] = summary["ratio_to_floor"]
+        _write(result, out)  # each part as it finishes: a run cut short keeps what it measured
+    print_side_by_side(result["network_totals"])
+
+    if not args.skip_step:
+        print(f"\ntraining step, {step_network}, batch {settings.batch}, {settings.image_size} px, "
+              f"autocast {settings.dtype}, AdamW")
+        result["training_step"]["rows"] = benchmark_training_step(step_network, settings)
+    result["complete"] = True
+    _write(result, out)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
         print(f"\nwrote {out}")
     return 0
 

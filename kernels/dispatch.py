@@ -20,6 +20,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .conv_shape import pair
 from .torch_lora_conv import torch_lora_conv2d
 
 __all__ = ["lora_conv2d", "set_lora_backend", "resolve_lora_backend", "requested_lora_backend", "ENV_VAR", "BACKENDS"]
@@ -60,7 +61,7 @@ def _load_triton() -> ModuleType | None:
     if _triton_module is None and _triton_import_error is None:
         try:
             _triton_module = importlib.import_module(f"{__package__}.triton_lora_conv")
-        except Exception as exc:  # missing module, no triton, no compiler: all mean "use torch"
+        except Exception as exc:  # no triton, no compiler, an old triton: all mean "use torch"
             _triton_import_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
     return _triton_module
 
@@ -153,7 +154,7 @@ def lora_conv2d(
     if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x must be (N, {weight.shape[1] * groups}, H, W) for weight {tuple(weight.shape)} "
                          f"with groups={groups}; got {tuple(x.shape)}")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
 
     cast_to = _autocast_dtype(x)
     if cast_to is not None:
@@ -176,9 +177,3 @@ def _run(x, weight, bias, lora_a, lora_b, scaling, stride, padding, dilation, gr
             x, kernel_weight, kernel_bias, lora_a, lora_b, scaling, stride, padding, dilation)
     return torch_lora_conv2d(x, weight, bias, lora_a, lora_b, scaling, stride, padding, dilation, groups)
 
-
-def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    first, second = value
-    return (int(first), int(second))

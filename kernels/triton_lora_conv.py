@@ -13,20 +13,15 @@ dispatcher which calls the kernels handle; everything else takes the torch path.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# triton is a Linux-only dependency; without it every call takes the torch path.
-TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
-if TRITON_AVAILABLE:
-    from .triton_lora_conv_bwd import lora_a_weight_grad, lora_conv2d_input_grad
-    from .triton_lora_conv_fwd import INTERPRETING, lora_conv2d_forward, memory_format_of
-else:  # pragma: no cover - exercised only where triton is not installed
-    INTERPRETING = False
+from .conv_shape import conv_output_size, pair
+from .triton_common import INTERPRETING, memory_format_of
+from .triton_lora_conv_bwd import lora_a_weight_grad, lora_conv2d_input_grad
+from .triton_lora_conv_fwd import lora_conv2d_forward
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The in-register z tile is (BLOCK_M, rank padded to a power of two); beyond 64 it crowds
@@ -46,14 +41,14 @@ def _grad_into_frozen(weight: Tensor, bias: Tensor | None) -> bool:
 def triton_supports(x: Tensor, weight: Tensor, lora_a: Tensor, groups: int) -> bool:
     """Whether `triton_lora_conv2d` handles this call; False routes it to the torch path.
 
-    Requires: triton installed; groups == 1 (depthwise and grouped convs go to torch); 4-d
+    Requires: groups == 1 (depthwise and grouped convs go to torch); 4-d
     tensors with matching channels and kernel size; x and W in fp32, fp16 or bf16 with the
     same dtype (A may be any of the three: it is cast tile by tile); rank <= MAX_RANK; all
     on one CUDA device, or on the CPU under TRITON_INTERPRET=1; tensors small enough for
     32-bit offsets; and a frozen W (W requiring grad while autograd records is False, so the
     dispatcher falls back to the torch path, which can produce dW).
     """
-    if not TRITON_AVAILABLE or groups != 1:
+    if groups != 1:
         return False
     if x.dim() != 4 or weight.dim() != 4 or lora_a.dim() != 4:
         return False
@@ -172,9 +167,9 @@ def triton_lora_conv2d(
         raise ValueError(f"lora_b must be (Cout, r) = {(c_out, rank)}, got {tuple(lora_b.shape)}")
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias must be (Cout,) = {(c_out,)}, got {tuple(bias.shape)}")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    out_h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-    out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    out_h = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"convolution output would be empty ({out_h}x{out_w})")
     if x.shape[0] * max(c_out, rank) * out_h * out_w > MAX_ELEMENTS:
@@ -182,9 +177,3 @@ def triton_lora_conv2d(
     return _TritonLoraConv2d.apply(x, weight, bias, lora_a, lora_b, float(scaling),
                                    stride, padding, dilation)
 
-
-def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    first, second = value
-    return (int(first), int(second))

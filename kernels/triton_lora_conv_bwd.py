@@ -30,28 +30,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_lora_conv_fwd import INTERPRETING, dot_settings, mma, padded_rank
+from .triton_common import dot_settings, mma, padded_rank
+from .triton_tiles import A_GRAD_TILES, a_grad_configs, conv_configs
 
 
-def _input_grad_configs() -> list[triton.Config]:
-    if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
-    # Spill-free on sm_90 at rank <= 16 (ptxas -v) except 128x128, which spills ~100 bytes
-    # and is kept for the wide late layers; the autotuner decides.
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in (
-            (128, 128, 8, 3),
-            (128, 64, 8, 4),
-            (64, 128, 8, 4),
-            (64, 64, 4, 4),
-            (64, 32, 4, 4),
-            (32, 64, 4, 4),
-        )
-    ]
-
-
-@triton.autotune(configs=_input_grad_configs(),
+@triton.autotune(configs=conv_configs(),
                  key=["C_in", "C_out", "H", "W", "R_PAD", "KH", "KW", "stride_h", "stride_w"])
 @triton.jit
 def _lora_conv_input_grad_kernel(
@@ -175,27 +158,11 @@ def lora_conv2d_input_grad(
     return grad_x
 
 
-def _lora_a_grad_configs() -> list[triton.Config]:
-    if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4)]
-    # Spill-free on sm_90 at rank <= 16 (ptxas -v).
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-        for bm, bc, w, s in (
-            (64, 64, 4, 4),
-            (128, 64, 8, 4),
-            (64, 128, 8, 4),
-            (128, 32, 4, 4),
-            (256, 32, 8, 3),
-        )
-    ]
-
-
 # Pixels per split are a multiple of the largest BLOCK_M, so splits never share a tile.
-_SPLIT_GRANULE = 256
+_SPLIT_GRANULE = max(tile.block_m for tile in A_GRAD_TILES)
 
 
-@triton.autotune(configs=_lora_a_grad_configs(),
+@triton.autotune(configs=a_grad_configs(),
                  key=["C_in", "OH", "OW", "R_PAD", "KH", "KW", "PIXELS_PER_SPLIT"])
 @triton.jit
 def _lora_a_grad_kernel(
@@ -274,7 +241,7 @@ def lora_a_weight_grad(
     batch, _, height, width = x.shape
     _, _, out_h, out_w = grad_z.shape
     pixels = batch * out_h * out_w
-    # Program count along the taps/channels axis for the smallest BLOCK_C in use; enough
+    # Program count along the taps/channels axis at BLOCK_C = 64 (most dA tiles); enough
     # splits to reach the target, each a whole number of granules.
     channel_programs = kh * kw * triton.cdiv(c_in, 64)
     wanted_splits = max(1, triton.cdiv(_split_count_target(x.device), channel_programs))

@@ -20,97 +20,22 @@ weight rounds the adapter's contribution away whenever it is smaller than the we
 last bit, which is exactly the regime of early LoRA training (B starts at zero).  Keeping
 the two GEMMs apart with fp32 accumulators keeps the adapter signal, like the unfused path.
 
-Shared helpers (`mma`, launch settings) live here and are imported by the backward module.
+Shared helpers live in `triton_common`, the tile table in `triton_tiles`.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-
-def _interpreter_active() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the env directly
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .conv_shape import conv_output_size
+from .triton_common import dot_settings, memory_format_of, mma, padded_rank
+from .triton_tiles import conv_configs
 
 
-# The `@triton.jit` decorators below read TRITON_INTERPRET when this module is imported, so
-# this flag is the one that decides whether the kernels run on the CPU through numpy.
-INTERPRETING: bool = _interpreter_active()
-
-# Every tl.dot needs each dimension >= 16, so the LoRA rank is padded up to this.
-MIN_DOT_DIM = 16
-
-
-def padded_rank(rank: int) -> int:
-    """Rank rounded up to a power of two >= 16, the width of the in-register z tile."""
-    return max(MIN_DOT_DIM, triton.next_power_of_2(rank))
-
-
-def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
-    """(input_precision, upcast) for tl.dot on operands of `dtype`.
-
-    fp32 follows torch's cuDNN switch, because these kernels replace a cuDNN convolution:
-    tf32 when torch would use it, exact fp32 otherwise.  Under the interpreter bf16 operands
-    are upcast to fp32 before the dot, because the interpreter multiplies bf16 tiles as their
-    raw uint16 bits; the upcast is exact and an fp32-accumulated product of bf16 values is
-    what the tensor cores compute, so the numerics tested are those of the GPU kernel.
-    """
-    upcast = INTERPRETING and dtype == torch.bfloat16
-    if INTERPRETING or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
-        return "ieee", upcast
-    return "tf32", upcast
-
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """channels_last when `x` is laid out that way (and not also plain contiguous)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length of a convolution along one spatial axis (PyTorch's formula)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-@triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with fp32 accumulation (see `dot_settings` for the two switches)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-def _forward_configs() -> list[triton.Config]:
-    if INTERPRETING:
-        # One small tile: autotuning under the interpreter would run every config on the
-        # CPU, and small tiles make the tests cross block edges with small tensors.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
-    # Tiles that compile without register spills on sm_90 at rank <= 16 (ptxas -v); BLOCK_K
-    # 64 and 4-warp 128-wide tiles spill.  (64, 32) and (32, 64) serve the narrow layers
-    # (efficientnet's 16-40 channels) and small late-stage pixel counts.
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in (
-            (128, 128, 8, 3),
-            (128, 64, 8, 4),
-            (64, 128, 8, 4),
-            (64, 64, 4, 4),
-            (64, 32, 4, 4),
-            (32, 64, 4, 4),
-        )
-    ]
-
-
-@triton.autotune(configs=_forward_configs(), key=["C_in", "C_out", "OH", "OW", "R_PAD", "KH", "KW"])
+@triton.autotune(configs=conv_configs(), key=["C_in", "C_out", "OH", "OW", "R_PAD", "KH", "KW"])
 @triton.jit
 def _lora_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, z_ptr,

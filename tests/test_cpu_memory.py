@@ -46,3 +46,20 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 def test_users_own_malloc_settings_win():
     assert _run(MALLOC_TRIM_THRESHOLD_="0")["applied"] == "False False"
+
+
+_WHO_TUNES = """
+import vision_ft.cpu_memory as cpu_memory
+import vision_ft.evaluate, vision_ft.predict, vision_ft.run_predict, vision_ft.train  # noqa: F401 - the library alone
+print("library", cpu_memory._applied)
+from vision_ft.cli import main
+main(["--help"])
+print("cli", cpu_memory._applied)
+"""
+
+
+def test_only_the_command_line_entry_point_tunes_malloc():
+    out = subprocess.run([sys.executable, "-c", _WHO_TUNES], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, check=True).stdout
+    lines = dict(line.split() for line in out.splitlines() if line.startswith(("library", "cli")))
+    assert lines == {"library": "False", "cli": "True"}

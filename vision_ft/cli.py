@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.errors import VisionFTError
 
 if TYPE_CHECKING:
@@ -274,6 +275,8 @@ def _usage_error_line(exc: Exception, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vision-ft` script; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Process-wide allocator tuning belongs to the entry point, not to the library functions.
+    keep_freed_memory()
     try:
         # Without standalone mode click hands back exit codes (130 after Ctrl-C) instead of exiting.
         result = app(args=argv, prog_name="vision-ft", standalone_mode=False)

@@ -1,5 +1,9 @@
 """Keep freed tensor memory inside the process while training or evaluating on a CPU (glibc's malloc).
 
+This changes the allocator of the whole process, so only an entry point may call it: the
+`vision-ft` command does, once, before any command runs. Library functions never do (a
+program that imports vision-ft keeps its own allocator settings).
+
 glibc returns every freed block above its mmap threshold (which it raises at most to 32 MiB)
 straight to the kernel and trims the top of its heap as well. A training step frees and
 allocates the same activation-sized blocks again and again, so every step page-faults them
@@ -15,11 +19,6 @@ import ctypes
 import logging
 import os
 import platform
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
-
 log = logging.getLogger(__name__)
 
 # mallopt parameters (glibc's malloc.h).
@@ -32,17 +31,15 @@ _TRIM_THRESHOLD = 1024 * 1024 * 1024
 _applied = False
 
 
-def keep_freed_memory(device: torch.device | None = None) -> bool:
-    """Tune glibc's malloc for a training or evaluation process, once; True when it is (now or
-    before) in effect.
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc for this process, once; True when it is (now or before) in effect.
 
-    Does nothing when `device` is given and is not the CPU (its tensors are not malloc's), off
-    glibc, or when the user chose their own settings through the MALLOC_MMAP_THRESHOLD_ /
-    MALLOC_TRIM_THRESHOLD_ environment variables or GLIBC_TUNABLES.
+    For entry points only (see the module docstring). Harmless when training on a GPU: CUDA
+    memory is not malloc's, and host-side blocks are few. Does nothing off glibc, or when the
+    user chose their own settings through the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
+    environment variables or GLIBC_TUNABLES.
     """
     global _applied
-    if device is not None and device.type != "cpu":
-        return False
     if _applied:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

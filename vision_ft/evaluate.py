@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
@@ -42,7 +41,6 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Metrics of a run's checkpoint on every image under `data` (or one split of a pre-split folder)."""
     device = default_device()
-    keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     loaded = load_run(run_dir, checkpoint, device)
     cfg = loaded.config
     index = discover(Path(data))

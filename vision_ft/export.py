@@ -39,6 +39,7 @@ from vision_ft.data.discover import Sample
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.finetune.lora import lora_modules, merge_lora
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
 from vision_ft.run_model import LoadedRun, load_run
@@ -82,10 +83,6 @@ class ExportResult:
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """`model` with any LoRA adapters merged into plain layers (same outputs, no LoRA modules)."""
-    try:
-        from vision_ft.finetune.lora import lora_modules, merge_lora
-    except ImportError:  # a build without LoRA support cannot hold LoRA modules
-        return model
     if not any(True for _ in lora_modules(model)):
         return model
     merged = merge_lora(model)

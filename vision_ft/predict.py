@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import IMAGE_SUFFIXES, Sample
@@ -93,7 +92,6 @@ def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -
 def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of predictions of a run's best checkpoint on `path`."""
     device = default_device()
-    keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     loaded = load_run(run_dir, device=device)
     cfg = loaded.config
     images = collect_images(path)

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import build_loader
@@ -33,7 +32,6 @@ def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None
     if not sources:
         return np.zeros((0, len(loaded.class_names)), dtype=np.float32)
     device = next(loaded.model.parameters()).device
-    keep_freed_memory(device)  # every batch re-allocates the same activations: no page faults for them
     cfg = loaded.config
     # ImageDataset decodes with load_image, which takes paths, arrays and Pillow images alike.
     dataset = ImageDataset([Sample(source, 0) for source in sources],

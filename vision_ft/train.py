@@ -31,7 +31,6 @@ from vision_ft.callbacks import TrainingCallback, group_learning_rates
 from vision_ft.checkpoint import (append_metrics_line, load_model_weights, load_optimizer_state, reconcile_metrics_log,
                                   recover_checkpoints, save_checkpoints, verify_resume_point)
 from vision_ft.config import Config, save_config
-from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
@@ -343,7 +342,6 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
                   resume: bool, context: distributed.Context, callbacks: list[TrainingCallback]) -> TrainResult:
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
-    keep_freed_memory(context.device)  # activations are re-allocated every step: keep them off the page-fault path
     log.info("run folder %s", run.root)
     log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
 

@@ -161,8 +161,3 @@ def group_index_of_params(groups: list[LayerGroup]) -> dict[str, int]:
     """Parameter name -> index of the group that holds it."""
     return {name: group.index for group in groups for name in group.param_names}
 
-
-def describe_groups(groups: list[LayerGroup], model: nn.Module) -> str:
-    """Multi-line table of the groups with their parameter counts (for docs and debugging)."""
-    lines = [f"{g.index:>3}  {g.name:<40} {g.numel(model):>12,}{'  (head)' if g.is_head else ''}" for g in groups]
-    return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""Plain, obviously-correct LoRA convolution: the yardstick the fast paths are tested against.
+"""Plain, obviously-correct LoRA convolution: the yardstick the kernels' tests hold them to.
+
+Test code only (the package never calls it).
 
 Every function here is a direct composition of `F.conv2d` calls that autograd differentiates;
 none of them is tuned. The factorization they define is the one the whole package uses:
@@ -12,13 +14,12 @@ grouped and depthwise convs it makes delta_W exactly W's shape, so merging stays
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def lora_delta_weight(weight_shape: torch.Size | tuple[int, ...], lora_a: Tensor, lora_b: Tensor) -> Tensor:
-    """B @ A as a conv weight of `weight_shape` (unscaled)."""
+def lora_delta_weight(weight_shape: tuple[int, ...], lora_a: Tensor, lora_b: Tensor) -> Tensor:
+    """B @ A as a conv weight of `weight_shape` (unscaled), written out independently of the package."""
     return (lora_b @ lora_a.reshape(lora_a.shape[0], -1)).reshape(weight_shape)
 
 

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vision_ft.runtime import session_options
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "matmul_floor.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "matmul_floor.py"
 
 
 @pytest.fixture(scope="module")
