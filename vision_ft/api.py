@@ -242,6 +242,10 @@ class Run:
 
         if checkpoint not in ("best", "last"):
             raise VisionFTError(f"checkpoint must be 'best' or 'last', not '{checkpoint}'")
+        if self.config.task == "anomaly":  # image-level anomaly metrics: auroc, f1, recall per defect class
+            from vision_ft.anomaly.eval_run import evaluate_anomaly_run
+
+            return evaluate_anomaly_run(self.path, Path(data), split=split, skip_bad_images=skip_bad_images)
         return evaluate_run(self.path, Path(data), split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
 
     def predict_proba(self, images: PathLike | Sequence[ImageInput], batch_size: int | None = None) -> np.ndarray:
@@ -258,9 +262,11 @@ class Run:
                 batch_size: int | None = None) -> list[Prediction]:
         """A `vision_ft.runtime.Prediction` (label, score, top_class, probabilities) per image; below
         `threshold` the label is 'uncertain', as in the ONNX runtime."""
+        from vision_ft.evaluation.run_evaluation import load_decision_rule
         from vision_ft.run_predict import predictions
 
-        return predictions(self.predict_proba(images, batch_size), self.class_names, threshold)
+        rule = load_decision_rule(self.path, self.class_names)  # operating thresholds chosen on val
+        return predictions(self.predict_proba(images, batch_size), self.class_names, threshold, rule)
 
     def export(
         self,

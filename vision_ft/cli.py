@@ -52,6 +52,11 @@ def set_options(texts: list[str] | None) -> dict[str, object]:
 def _echo_metrics(title: str, metrics: dict) -> None:
     from vision_ft.metrics import format_summary
 
+    if "per_defect_class" in metrics:  # an anomaly run
+        from vision_ft.anomaly.evaluate import format_anomaly_summary
+
+        typer.echo(f"{title}: {format_anomaly_summary(metrics)}")
+        return
     typer.echo(f"{title}: {format_summary(metrics)}")
 
 
@@ -66,12 +71,14 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder given by --out from its last checkpoint.")] = False,
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out unreadable images with a warning.")] = False,
+    task: Annotated[Optional[str], typer.Option("--task", help="classification (default) or anomaly: fit on good parts only.")] = None,
 ) -> None:
     """Fine-tune a backbone on labelled images and write a run folder."""
     import vision_ft
 
+    settings = set_options(overrides) | ({"task": task} if task is not None else {})
     run = vision_ft.train(data=data, model=model, out=out, config=config, resume=resume, weights=weights,
-                          force=force, skip_bad_images=skip_bad_images, **set_options(overrides))
+                          force=force, skip_bad_images=skip_bad_images, **settings)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"run folder: {run.path}")
         if run.folder.onnx.is_file():
@@ -79,7 +86,42 @@ def train(
         metrics = run.metrics
         for split in ("val", "test"):
             if split in metrics:
-                _echo_metrics(f"{split} (best epoch {metrics['best_epoch']})", metrics[split])
+                # An anomaly run is fitted in one pass: no epoch to name.
+                title = f"{split} (best epoch {metrics['best_epoch']})" if "best_epoch" in metrics else split
+                _echo_metrics(title, metrics[split])
+        from vision_ft.evaluation.run_evaluation import summary_lines
+
+        for line in summary_lines(metrics):  # intervals, calibration, operating point
+            typer.echo(line)
+
+
+@app.command()
+def cv(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders or CSV manifest (pre-split data is pooled).")] = None,
+    folds: Annotated[int, typer.Option("--folds", help="Number of folds; fold k is the test set of run OUT/fold-k.")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", help="Repeat the fold assignment with other shuffles.")] = 1,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Repeat whole runs with these training seeds, e.g. 0,1,2.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="CV folder (resumed when it exists).")] = Path("CV"),
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub', 'none', or a weights file.")] = None,
+    overrides: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Start the CV folder again instead of resuming it.")] = False,
+) -> None:
+    """Stratified (grouped) k-fold cross-validation: one run folder per fold, a summary with intervals."""
+    from vision_ft.config import build_config
+    from vision_ft.cv import cross_validate
+    from vision_ft.cv_report import cv_table
+
+    try:
+        seed_list = [int(part) for part in seeds.split(",")] if seeds else None
+    except ValueError:
+        raise VisionFTError(f"--seeds {seeds!r} must be integers separated by commas, e.g. 0,1,2") from None
+    cfg = build_config(config, overrides, data_path=str(data) if data else None, model_name=model, model_weights=weights)
+    result = cross_validate(cfg, out, folds=folds, repeats=repeats, seeds=seed_list, force=force)
+    for line in cv_table(result.summary):
+        typer.echo(line)
+    typer.echo(f"CV folder: {result.out} (summary.json, report.md, oof_predictions.csv)")
 
 
 @app.command(name="tune")
@@ -128,8 +170,21 @@ def eval_command(
 
     if checkpoint not in ("best", "last"):
         raise VisionFTError(f"--checkpoint must be 'best' or 'last', not '{checkpoint}'")
+    if vision_ft.load_run(run).config.task == "anomaly":
+        from vision_ft.anomaly.eval_run import evaluate_anomaly_run, write_anomaly_eval_outputs
+
+        metrics = evaluate_anomaly_run(run, data, split=split, skip_bad_images=skip_bad_images)
+        _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
+        if out:
+            write_anomaly_eval_outputs(metrics, out)
+            typer.echo(f"metrics written to {out}")
+        return
     metrics = vision_ft.load_run(run).evaluate(data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
     _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
+    from vision_ft.evaluation.run_evaluation import summary_lines
+
+    for line in summary_lines({**metrics, "test": metrics}):  # intervals, calibration
+        typer.echo(line)
     if out:
         write_eval_outputs(metrics, list(metrics["per_class"]), out)
         typer.echo(f"metrics written to {out}")
@@ -153,13 +208,21 @@ def predict(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
     skip_bad_images: Annotated[bool, typer.Option(
         "--skip-bad-images", help="List unreadable images in the output (label 'error', reason in the error column) instead of stopping.")] = False,
+    heatmaps: Annotated[Optional[Path], typer.Option(
+        "--heatmaps", help="Also write each image with its heatmap overlaid (PNG) into this folder: anomaly maps, or class activation maps.")] = None,
 ) -> None:
     """Label images with a trained run or an exported ONNX model; CSV with path, label, score, top-k scores and error."""
     import vision_ft
-    from vision_ft.predict import collect_images, prediction_header, prediction_rows, readable_images, write_predictions_csv
+    from vision_ft.evaluation.run_evaluation import load_decision_rule
+    from vision_ft.heatmaps.predict import is_anomaly_source, predict_and_draw
+    from vision_ft.predict import collect_images, prediction_header, prediction_rows, readable_images
     from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model, mark_uncertain
 
     check_threshold(threshold)
+    if heatmaps is not None or is_anomaly_source(source):
+        header, rows = predict_and_draw(source, path, heatmaps, top_k, batch_size, threshold, echo=typer.echo)
+        _write_rows(out, header, rows if is_anomaly_source(source) else mark_uncertain(rows, threshold))
+        return
     if _is_onnx_model(source):
         from tqdm import tqdm
 
@@ -169,17 +232,26 @@ def predict(
         class_names = model.class_names
         with tqdm(total=len(readable), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
             probs = model.predict_proba(readable, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
+        rule = model.rule
     else:
         run = vision_ft.load_run(source)
         images = collect_images(path)
         readable, skipped = readable_images(images, skip_bad_images)
         class_names = run.class_names
-        probs = run.predict_proba(readable, batch_size)
+        probs = run.predict_proba(readable, batch_size)  # with the run's temperature, as the runtime
+        rule = load_decision_rule(run.path, class_names)
     if skipped:
         typer.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} (label 'error' in the output)", err=True)
     top_k = max(1, min(top_k, len(class_names)))
-    header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k, skipped)
-    rows = mark_uncertain(rows, threshold)
+    # Labels by the run's operating thresholds; --threshold marks low-confidence images on top.
+    header = prediction_header(top_k)
+    rows = prediction_rows(images, probs, class_names, top_k, rule, threshold, skipped)
+    _write_rows(out, header, rows)
+
+
+def _write_rows(out: Optional[Path], header: list[str], rows: list[list[str]]) -> None:
+    from vision_ft.predict import write_predictions_csv
+
     if out:
         write_predictions_csv(out, header, rows)
         typer.echo(f"{len(rows)} predictions written to {out}")
@@ -272,6 +344,9 @@ def _usage_error_line(exc: Exception, argv: list[str]) -> str:
     return f"{message}; see '{command} --help'"
 
 
+_INTERRUPTED = "interrupted; continue a training run with --resume --out RUN, a search by running the same tune command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vision-ft` script; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -290,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_usage_error_line(exc, argv if argv is not None else sys.argv[1:])}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
+        typer.echo(_INTERRUPTED, err=True)
         return 130
     except RuntimeError as exc:
         if "Original Traceback" in str(exc) and "VisionFTError" in str(exc):
@@ -298,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     if result == 130:
-        typer.echo("interrupted; continue a training run with --resume --out RUN", err=True)
+        typer.echo(_INTERRUPTED, err=True)
     return result if isinstance(result, int) else 0
 
 

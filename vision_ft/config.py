@@ -131,6 +131,27 @@ class FinetuneConfig(_Strict):
 class ExportConfig(_Strict):
     # Write RUN/model.onnx (LoRA merged, checked against onnxruntime) when training ends.
     onnx: bool = True
+    # CNN classifiers with a pooling + linear head also output class activation maps ('cam').
+    cam: bool = True
+
+
+class AnomalyConfig(_Strict):
+    """`task: anomaly`: a PatchCore-style model fitted on good parts only (vision_ft.anomaly)."""
+
+    good_class: str = Field("good", min_length=1)
+    # Backbone feature levels (timm feature_info indices); null: the levels at strides 8 and 16.
+    layers: list[int] | None = None
+    patch_size: int = Field(3, ge=1)
+    feature_dim: int = Field(384, ge=8)
+    coreset_fraction: float = Field(0.1, gt=0, le=1)
+    max_patches: int = Field(60000, ge=100)
+    projection_dim: int = Field(128, ge=0)
+    neighbours: int = Field(9, ge=1)
+    blur_sigma: float = Field(4.0, ge=0)
+    threshold_rule: Literal["best_f1", "target_recall"] = "best_f1"
+    target_recall: float = Field(0.95, gt=0, le=1)
+    good_quantile: float = Field(0.99, gt=0, lt=1)
+    uncertain_band: float = Field(0.05, ge=0, lt=0.5)
 
 
 class CalibrationConfig(_Strict):
@@ -187,18 +208,20 @@ class TuneConfig(_Strict):
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] | None = None
     trials: int | None = Field(None, ge=1)  # total trials in the study (resumed searches count earlier ones)
     timeout: float | None = Field(None, gt=0)  # seconds for this invocation
-    # The median pruner compares a trial with earlier ones only after this many finished trials
-    # and from this epoch on: too early a comparison kills slow starters.
+    # Random trials before TPE models the space and before the median pruner compares a trial
+    # with earlier ones; the pruner also waits warmup_epochs: too early a comparison kills slow starters.
     startup_trials: int = Field(3, ge=0)
     warmup_epochs: int = Field(1, ge=0)
 
 
 class Config(_Strict):
+    task: Literal["classification", "anomaly"] = "classification"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

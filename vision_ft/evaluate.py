@@ -14,9 +14,10 @@ from vision_ft.data.discover import Sample, discover
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import SplitPredictions, evaluate_test, load_decision_rule
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.run_model import default_device, load_run
-from vision_ft.train import evaluate_probs, predict_loader
+from vision_ft.train import evaluate_probs, predict_logits
 
 
 def _relabel(samples: list[Sample], source_names: list[str], run_names: list[str], data: Path) -> list[Sample]:
@@ -61,7 +62,9 @@ def evaluate_run(
                            cfg.data.channels, cfg.data.image_size, max_pixels=cfg.data.max_pixels)
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
                           workers=cfg.data.workers if workers is None else workers)
-    probs, labels = predict_loader(loaded.model, loader, device=next(loaded.model.parameters()).device)
+    logits, labels = predict_logits(loaded.model, loader, device=next(loaded.model.parameters()).device)
+    rule = load_decision_rule(run_dir, loaded.class_names)  # the run's temperature and thresholds
+    probs = rule.probabilities(logits)
     broken = int((~np.isfinite(probs).all(axis=1)).sum())
     if broken:
         raise VisionFTError(
@@ -69,6 +72,8 @@ def evaluate_run(
             f"{len(probs)} images; its weights are damaged: restore the run folder or train it again"
         )
     metrics = evaluate_probs(probs, labels, loaded.class_names, cfg.train.label_smoothing)
+    predictions = SplitPredictions(logits, labels, [str(s.path) for s in samples])
+    metrics.update(evaluate_test(rule, predictions, loaded.class_names, cfg.eval, seed=cfg.train.seed))
     metrics["data"] = str(data)
     metrics["skipped_unreadable"] = len(bad)
     return metrics

@@ -39,10 +39,13 @@ from vision_ft.data.discover import Sample
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.finetune.lora import lora_modules, merge_lora
+from vision_ft.heatmaps.cam import CAM_OUTPUT
+from vision_ft.heatmaps.cam_export import cam_classifier_for, check_cam_export
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
-from vision_ft.run_model import LoadedRun, load_run
+from vision_ft.run_model import LoadedRun, is_anomaly_run, load_run
 from vision_ft.runtime import OnnxClassifier, open_session
 
 OPSET = 20
@@ -93,8 +96,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset: int = OPSET) -> onnx.ModelProto:
-    """Export an eval-mode model to ONNX with input 'image' (N x C x H x W) and output 'logits' (N x classes).
+def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset: int = OPSET,
+            output_names: tuple[str, ...] = ("logits",)) -> onnx.ModelProto:
+    """Export an eval-mode model to ONNX with input 'image' (N x C x H x W) and outputs named
+    `output_names` ('logits', N x classes, for a classifier).
 
     The batch axis is dynamic; the example batch has 2 images because torch.export treats a
     size of 1 as a constant.
@@ -112,7 +117,7 @@ def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset:
         try:
             program = torch.onnx.export(
                 model, (example,), dynamo=True, opset_version=opset, input_names=["image"],
-                output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+                output_names=list(output_names), dynamic_shapes=({0: batch},), verbose=False,
             )
         except Exception as exc:  # noqa: BLE001 - torch.export raises many types for unsupported code
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -164,6 +169,7 @@ def run_metadata(loaded: LoadedRun) -> ModelMetadata:
         vision_ft_version=vision_ft.__version__,
         split_fingerprint=split_fingerprint(splits),
         finetune_strategy=cfg.finetune.strategy,
+        decision=load_decision_rule(loaded.run.root, list(loaded.class_names)).to_json(list(loaded.class_names)),
     )
 
 
@@ -248,6 +254,11 @@ def export_run(
         fails, or onnxruntime and torch differ by more than `tolerance`. No file is left at
         `out` in any of those cases.
     """
+    if is_anomaly_run(run_dir):
+        from vision_ft.anomaly.export import export_anomaly_run
+
+        return export_anomaly_run(run_dir, out, force=force, echo=echo, opset=opset,
+                                  **({} if tolerance == TOLERANCE else {"tolerance": tolerance}))
     started = time.perf_counter()
     out = Path(out) if out is not None else open_run_folder(run_dir).onnx
     _check_destination(out, force)  # before the slow model load, so a refusal is immediate
@@ -257,15 +268,22 @@ def export_run(
     for param in model.parameters():
         param.requires_grad_(False)
     metadata = run_metadata(loaded)
+    cam_model = cam_classifier_for(model, loaded.config)  # heatmaps without torch, for pooling + linear heads
+    if cam_model is not None:
+        metadata = replace(metadata, extra={**metadata.extra, "cam_output": CAM_OUTPUT})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     try:
-        proto = to_onnx(model, metadata.channels, tuple(metadata.input_size), opset)
+        outputs = ("logits", CAM_OUTPUT) if cam_model is not None else ("logits",)
+        proto = to_onnx(cam_model or model, metadata.channels, tuple(metadata.input_size), opset, outputs)
         attach_metadata(proto, metadata)
         save_checked(proto, partial)
         check = verify(model, partial, images, tolerance)
         echo(f"onnxruntime vs torch on {check.images} {split_name} images: {check.summary()}")
+        if cam_model is not None:
+            cam_diff = check_cam_export(cam_model, partial, images, metadata, tolerance)
+            echo(f"class activation maps: max |onnxruntime - torch| {cam_diff:.2e}")
         if check.max_abs_diff > check.allowed:
             raise VisionFTError(
                 f"export check failed: onnxruntime and torch logits differ by up to {check.max_abs_diff:.2e} "

@@ -110,23 +110,22 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
     if _METADATA_KEY not in metadata:
         raise VisionFTError(f"{path} carries no LoRA settings; pass a file written by vision_ft.lora.save_adapter")
     settings = json.loads(metadata[_METADATA_KEY])
-    if not any(True for _ in lora_modules(model)):
-        apply_lora(model, r=settings["r"], alpha=settings["alpha"], rslora=settings["rslora"],
-                   target_patterns=settings["layers"])
     adapters = {k: v for k, v in tensors.items() if k.endswith((".lora_a", ".lora_b"))}
-    load_lora_state_dict(model, adapters)
+    others = {k: v for k, v in tensors.items() if k not in adapters}
+    # Check the head and norms before injecting anything, so a file that does not fit leaves the model as it was.
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for key, value in tensors.items():
-        if key in adapters:
-            continue
+    for key, value in others.items():
         if key not in own:
             raise VisionFTError(f"adapter file {path} holds '{key}', which this model does not have; "
                                 "load it into the architecture it was trained on")
         if tuple(own[key].shape) != tuple(value.shape):
             raise VisionFTError(f"'{key}' in {path} has shape {tuple(value.shape)} but the model's is "
                                 f"{tuple(own[key].shape)}; build the model with the same number of classes")
+    if not any(True for _ in lora_modules(model)):
+        apply_lora(model, r=settings["r"], alpha=settings["alpha"], rslora=settings["rslora"],
+                   target_patterns=settings["layers"])
+    load_lora_state_dict(model, adapters)
     with torch.no_grad():
-        for key, value in tensors.items():
-            if key not in adapters:
-                own[key].copy_(value)
+        for key, value in others.items():
+            own[key].copy_(value)
     return [name for name, _ in lora_modules(model)]

@@ -57,6 +57,9 @@ class ModelMetadata:
     quantization: str = "none"  # "none" or "int8-static-qdq"
     # Largest |onnxruntime - torch| logit difference measured when the model was exported.
     verified_max_abs_diff: float | None = None
+    # Temperature and operating thresholds chosen on validation (vision_ft.decision.DecisionRule
+    # as JSON, by class name); empty: plain softmax and argmax.
+    decision: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_properties(self) -> dict[str, str]:
@@ -109,6 +112,13 @@ class ModelMetadata:
         string where a number belongs must end in this one line, not in a TypeError later.
         """
         problem = _first_problem(self)
+        temperature = self.decision.get("temperature", 1.0) if isinstance(self.decision, dict) else None
+        if problem is None and (not _is_number(temperature) or temperature <= 0):
+            problem = f"decision {_short(self.decision)} must be a mapping with a positive temperature"
+        elif problem is None and any(name not in self.class_names for name in
+                                     [self.decision.get("positive_class") or self.class_names[0],
+                                      *(self.decision.get("class_thresholds") or {})]):
+            problem = f"decision {_short(self.decision)} names a class that is not in class_names"
         if problem:
             raise VisionFTError(f"{source}: bad vision-ft metadata ({problem}); export the model again")
         policy = (self.resize, self.crop, self.decode_policy)

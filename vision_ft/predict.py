@@ -15,7 +15,9 @@ from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import IMAGE_SUFFIXES, Sample
 from vision_ft.data.loaders import build_loader
 from vision_ft.data.transforms import build_transforms
+from vision_ft.decision import DecisionRule
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.run_model import default_device, load_run
 from vision_ft.runtime import ERROR, NON_FINITE
 
@@ -48,21 +50,25 @@ def error_row(path: Path, reason: str, top_k: int) -> list[str]:
 
 
 def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int,
+                    rule: DecisionRule | None = None, threshold: float | None = None,
                     skipped: dict[Path, str] | None = None) -> list[list[str]]:
-    """One row per path, in order; `probs` holds a row per path not in `skipped` ({path: reason})."""
+    """One CSV row per image: label by the decision rule (operating thresholds, `threshold` reject
+    band), score = top-1 probability, then the top-k labels and probabilities, then the error.
+    `probs` holds a row per path not in `skipped` ({path: reason}), which get error rows."""
     skipped = skipped or {}
+    labels = iter((rule or DecisionRule()).labels(probs, class_names, reject_below=threshold)) if len(probs) else iter(())
     answered = iter(probs)
     rows = []
     for path in paths:
         if path in skipped:
             rows.append(error_row(path, f"skipped: {skipped[path]}", top_k))
             continue
-        p = next(answered)
+        p, label = next(answered), next(labels)
         if not np.all(np.isfinite(p)):
             rows.append(error_row(path, NON_FINITE, top_k))  # NaN must never become a label
             continue
         order = np.argsort(-p)[:top_k]
-        row = [str(path), class_names[order[0]], f"{p[order[0]]:.6f}"]
+        row = [str(path), label, f"{p[order[0]]:.6f}"]
         for idx in order:
             row += [class_names[idx], f"{p[idx]:.6f}"]
         rows.append(row + [""])
@@ -89,8 +95,10 @@ def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -
 
 
 @torch.no_grad()
-def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of predictions of a run's best checkpoint on `path`."""
+def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | None = None,
+                threshold: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of predictions of a run's best checkpoint on `path`, with the run's
+    temperature and thresholds (decision.json) applied as the runtime applies them."""
     device = default_device()
     loaded = load_run(run_dir, device=device)
     cfg = loaded.config
@@ -99,6 +107,8 @@ def predict_run(run_dir: Path, path: Path, top_k: int = 3, batch_size: int | Non
     dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
                            cfg.data.channels, cfg.data.image_size)
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
-    probs = [torch.softmax(loaded.model(x.to(device)), dim=1).cpu().numpy()
-             for x, _ in tqdm(loader, desc="predict", leave=False, disable=not sys.stderr.isatty())]
-    return prediction_header(top_k), prediction_rows(images, np.concatenate(probs), loaded.class_names, top_k)
+    rule = load_decision_rule(run_dir, loaded.class_names)
+    logits = [loaded.model(x.to(device)).float().cpu().numpy()
+              for x, _ in tqdm(loader, desc="predict", leave=False, disable=not sys.stderr.isatty())]
+    probs = rule.probabilities(np.concatenate(logits))
+    return prediction_header(top_k), prediction_rows(images, probs, loaded.class_names, top_k, rule, threshold)

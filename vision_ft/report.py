@@ -6,6 +6,7 @@ from typing import Any
 
 from vision_ft import __version__
 from vision_ft.config import Config
+from vision_ft.evaluation.run_evaluation import report_section
 from vision_ft.run_folder import RunFolder
 
 
@@ -35,6 +36,7 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
             m = metrics[split]
             lines.append(f"| {split} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_f1'])} "
                          f"| {_fmt(m['auroc'])} | {m['num_samples']} |")
+    lines += report_section(metrics)
     if "test" in metrics:
         lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
         for name, row in metrics["test"]["per_class"].items():

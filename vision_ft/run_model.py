@@ -13,6 +13,7 @@ from vision_ft.config import Config, load_config
 from vision_ft.data.split import load_split
 from vision_ft.finetune.build import build_strategy
 from vision_ft.models.create import create_model, pretrained_normalisation
+from vision_ft.errors import VisionFTError
 from vision_ft.run_folder import RunFolder, open_run_folder
 from vision_ft.run_lock import tidy_if_idle
 
@@ -62,6 +63,9 @@ def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = 
     # Leftovers of a crashed save are tidied here too, unless a training process owns the folder.
     tidy_if_idle(run.root, lambda: recover_checkpoints(run.checkpoints))
     config = load_config(run.config)
+    if config.task == "anomaly":
+        raise VisionFTError(f"{path} is an anomaly run; this command works on classifier runs "
+                            "(anomaly runs: train, eval, predict, export)")
     class_names, _ = load_split(run.split)
     # The checkpoint holds every weight, so no pretrained download is needed here.
     model = build_model(config, len(class_names), weights="none")
@@ -70,3 +74,9 @@ def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = 
     model.eval().to(device)
     mean, std = normalisation(config, model)
     return LoadedRun(run, config, class_names, model, mean, std)
+
+
+def is_anomaly_run(path: Path) -> bool:
+    """True for a run folder written by `vision-ft train --task anomaly`."""
+    run = open_run_folder(path)
+    return load_config(run.config).task == "anomaly"

@@ -15,8 +15,10 @@ from vision_ft.data.loaders import build_loader
 from vision_ft.data.transforms import build_transforms
 from vision_ft.predict import collect_images
 from vision_ft.run_model import LoadedRun
-from vision_ft.runtime import Prediction, check_threshold, decide
-from vision_ft.train import predict_loader
+from vision_ft.decision import DecisionRule
+from vision_ft.evaluation.run_evaluation import load_decision_rule
+from vision_ft.runtime import ERROR, NON_FINITE, Prediction, check_threshold
+from vision_ft.train import predict_logits
 
 
 def image_sources(images: Any) -> list[Any]:
@@ -41,12 +43,22 @@ def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None
     # Worker processes would pickle in-memory images for nothing; files are decoded in parallel.
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
                           workers=cfg.data.workers if files_only else 0)
-    probs, _ = predict_loader(loaded.model, loader, device)
-    return probs
+    logits, _ = predict_logits(loaded.model, loader, device)
+    # The run's temperature (decision.json), through the same numpy function as the ONNX runtime.
+    return load_decision_rule(loaded.run.root, loaded.class_names).probabilities(logits)
 
 
-def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None) -> list[Prediction]:
-    """A Prediction per row of `probs`; below `threshold` the label is UNCERTAIN, for non-finite
-    outputs ERROR (as the ONNX runtime does)."""
+def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None,
+                rule: DecisionRule | None = None) -> list[Prediction]:
+    """A Prediction per row of `probs`, labelled by `rule` (the run's operating thresholds); below
+    `threshold` the label is UNCERTAIN (as the ONNX runtime does)."""
     check_threshold(threshold)
-    return [decide(row, class_names, threshold) for row in probs]
+    labels = (rule or DecisionRule()).labels(probs, list(class_names), reject_below=threshold)
+    result = []
+    for row, label in zip(probs, labels):
+        if not np.all(np.isfinite(row)):  # NaN never becomes a label, nor passes a threshold
+            result.append(Prediction(ERROR, float("nan"), "", row, NON_FINITE))
+            continue
+        best = int(np.argmax(row))
+        result.append(Prediction(label, float(row[best]), class_names[best], row))
+    return result

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vision_ft.data.decode import ImageSource, load_image
+from vision_ft.decision import DecisionRule
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
 
@@ -126,6 +127,8 @@ class OnnxClassifier:
         # float64. Matches albumentations' Normalize to within 1 ulp (2.4e-7 measured).
         self._lut = ((np.arange(256, dtype=np.float64)[:, None] / 255.0 - mean) / std).astype(np.float32)
         self._check_signature()
+        # Temperature and thresholds chosen after training; the same numpy code as torch's path.
+        self.rule = DecisionRule.from_json(metadata.decision, list(metadata.class_names))
 
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -190,6 +193,26 @@ class OnnxClassifier:
             )
         return logits
 
+    def probabilities_and_maps(self, images: Sequence[ImageSource], batch_size: int = DEFAULT_BATCH_SIZE,
+                               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(probabilities N x classes, each image's class activation map for its top class, h x w)
+        of a model exported with a 'cam' output (CNN classifiers with a pooling + linear head)."""
+        meta = self.metadata
+        cam_output = meta.extra.get("cam_output")
+        if not cam_output:
+            raise VisionFTError(f"{self.source} has no class-activation-map output; export the run again "
+                                "(CNN classifiers with a pooling + linear head get one), or draw heatmaps from the run folder")
+        probs, maps = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start:start + batch_size])
+            logits, cams = self.session.run([meta.output_name, cam_output], {meta.input_name: self.preprocess(chunk)})
+            batch_probs = softmax(logits)
+            probs.append(batch_probs)
+            maps.extend(cams[np.arange(len(cams)), batch_probs.argmax(1)])
+            if progress is not None:
+                progress(len(chunk))
+        return (np.concatenate(probs) if probs else np.zeros((0, len(meta.class_names)))), maps
+
     def predict_proba(
         self,
         images: Sequence[ImageSource],
@@ -215,7 +238,7 @@ class OnnxClassifier:
                 batch = pending.result()
                 if index + 1 < len(chunks):
                     pending = prefetch.submit(self.preprocess, chunks[index + 1])
-                results.append(softmax(self.logits(batch)))
+                results.append(self.rule.probabilities(self.logits(batch)))
                 if progress is not None:
                     progress(len(chunk))
         return np.concatenate(results)
@@ -223,10 +246,20 @@ class OnnxClassifier:
     def predict(
         self, images: Sequence[ImageSource], threshold: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> list[Prediction]:
-        """A Prediction per image; below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
+        """A Prediction per image, labelled by the model's decision rule (its operating thresholds, see
+        `vision_ft.decision`); below `threshold` the label is `UNCERTAIN` (for manual inspection)."""
         check_threshold(threshold)
         names = self.class_names
-        return [decide(probs, names, threshold) for probs in self.predict_proba(images, batch_size)]
+        probabilities = self.predict_proba(images, batch_size)
+        labels = self.rule.labels(probabilities, names, reject_below=threshold)
+        predictions = []
+        for probs, label in zip(probabilities, labels):
+            if not np.all(np.isfinite(probs)):  # NaN never becomes a label, nor passes a threshold
+                predictions.append(Prediction(ERROR, float("nan"), "", probs, NON_FINITE))
+                continue
+            best = int(np.argmax(probs))
+            predictions.append(Prediction(label, float(probs[best]), names[best], probs))
+        return predictions
 
     def predict_one(self, image: ImageSource, threshold: float | None = None) -> Prediction:
         """`predict` for a single path, array or Pillow image."""
@@ -252,6 +285,10 @@ def load_model(
     """
     session = open_session(path, threads, providers)
     metadata = ModelMetadata.from_properties(session.get_modelmeta().custom_metadata_map, str(path))
+    if metadata.extra.get("task") == "anomaly":
+        from vision_ft.anomaly.runtime import OnnxAnomalyDetector
+
+        return OnnxAnomalyDetector(session, metadata, str(path), decode_workers)
     return OnnxClassifier(session, metadata, str(path), decode_workers)
 
 

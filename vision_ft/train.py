@@ -36,9 +36,15 @@ from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
 from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts, seed_training_epoch, stop_all_workers
-from vision_ft.data.split import load_split, make_splits, save_split
+from vision_ft.data.split import load_split, load_split_groups, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.errors import TrainingDiverged, VisionFTError
+from vision_ft.evaluation.run_evaluation import (
+    SplitPredictions,
+    check_eval_config,
+    evaluate_run_predictions,
+    summary_lines,
+)
 from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
@@ -142,6 +148,24 @@ def _describe_split(class_names: list[str], splits: dict[str, list[Sample]]) -> 
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels for every batch of `loader`."""
+    model.eval()
+    all_logits, all_labels = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for images, labels in loader:
+        with autocast:
+            logits = model(images.to(device, non_blocking=True))
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
 def predict_loader(
     model: nn.Module,
     loader: Any,
@@ -149,19 +173,15 @@ def predict_loader(
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and labels for every batch of `loader`."""
-    model.eval()
-    all_probs, all_labels = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for images, labels in loader:
-        with autocast:
-            logits = model(images.to(device, non_blocking=True))
-        all_probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        all_labels.append(labels)
-    return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
+    logits, labels = predict_logits(model, loader, device, amp_dtype)
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy(), labels
 
 
 def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
     """Metrics plus the mean cross-entropy, from predicted probabilities."""
+    if not np.isfinite(probs).all():
+        raise TrainingDiverged("the model's outputs are NaN or infinite: its weights diverged; "
+                               "train again with a lower train.lr (or keep train.grad_clip set)")
     metrics = compute_metrics(labels, probs, class_names)
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     nll = -logp[np.arange(len(labels)), labels]
@@ -270,8 +290,15 @@ def train(
     """Train `config` into the run folder `out`; with `resume`, continue that folder's last checkpoint.
 
     `callbacks` are called on the main process at each epoch's end and after the final
-    evaluation (see `vision_ft.callbacks`).
+    evaluation (see `vision_ft.callbacks`). An anomaly config (`task: anomaly`) is fitted by
+    `vision_ft.anomaly.fit` instead: one pass, no epochs, no callbacks.
     """
+    if config.task == "anomaly":
+        from vision_ft.anomaly.fit import train_anomaly
+
+        if resume:
+            raise VisionFTError("an anomaly run is fitted in one pass and cannot be resumed; start it again with --force")
+        return train_anomaly(config, Path(out), force=force)
     context = distributed.setup()
     lock = RunLock(out)  # rank 0 holds it for the whole run: one process per run folder
     try:
@@ -301,6 +328,7 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 validate_augment_spec(config.data.augment.train)
                 class_names, splits, index = _check_data_and_split(config)
                 check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
+                check_eval_config(config.eval, class_names)  # eval.positive_class etc. name real classes
                 run = create_run_folder(out, force=force, lock=lock)
                 save_config(config, run.config)
                 save_split(run.split, splits, index, config.data.split_seed)
@@ -487,13 +515,22 @@ def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, 
     load_model_weights(run.best, model)
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
+    outputs: dict[str, SplitPredictions] = {}
+    groups = load_split_groups(run.split)
     for name, loader in eval_loaders.items():
-        probs, labels = predict_loader(model, loader, context.device, amp_dtype)
+        logits, labels = predict_logits(model, loader, context.device, amp_dtype)
+        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
         metrics[name] = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
+        paths = [s.path for s in loader.dataset.samples]
+        outputs[name] = SplitPredictions(logits, labels, [str(p) for p in paths],
+                                         [groups[p] for p in paths] if groups else None)
         plot_confusion_matrix(metrics[name]["confusion_matrix"], class_names, run.plots / f"confusion_{name}.png",
                               f"{name} split, best checkpoint (epoch {state['best_epoch']})")
         log.info("%s (best checkpoint, epoch %d): %s", name, state["best_epoch"], format_summary(metrics[name]))
     metrics["best_epoch"] = state["best_epoch"]
+    metrics.update(evaluate_run_predictions(run.root, config, class_names, outputs))  # CIs, calibration, thresholds
+    for line in summary_lines(metrics):
+        log.info("%s", line)
     run.metrics.write_text(json.dumps(metrics, indent=1))
     if state["history"]:
         plot_training_curves(state["history"], run.plots / "training_curves.png", config.train.early_stopping.metric)

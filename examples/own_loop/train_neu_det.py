@@ -2,7 +2,8 @@
 using only two pieces of vision-ft: `vision_ft.finetune.prepare` (progressive unfreezing with
 layer-wise learning rates) or `vision_ft.lora` (LoRA adapters, saved and merged at the end).
 
-    python examples/own_loop/train_neu_det.py --data path/to/neu-det --strategy progressive
+    python examples/own_loop/train_neu_det.py --data path/to/neu-det --strategy progressive \\
+        --weights .examples/weights/tf_efficientnet_lite0.safetensors
     python examples/own_loop/train_neu_det.py --data path/to/neu-det --strategy lora \\
         --weights .examples/weights/tf_efficientnet_lite0.safetensors
 
@@ -28,15 +29,24 @@ import vision_ft.lora as lora
 from vision_ft.finetune import prepare
 
 
-def loaders(data: Path, image_size: int, batch_size: int) -> tuple[DataLoader, DataLoader, list[str]]:
-    """80 / 20 random split of an ImageFolder tree; grey images become 3-channel."""
-    normalise = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+def loaders(data: Path, image_size: int, batch_size: int, mean: tuple, std: tuple,
+            per_class: int | None) -> tuple[DataLoader, DataLoader, list[str]]:
+    """80 / 20 random split of an ImageFolder tree (the first `per_class` images of each class when
+    given); grey images become 3-channel, normalised as the backbone was pretrained."""
     common = [transforms.Grayscale(3), transforms.Resize((image_size, image_size))]
     train_tf = transforms.Compose([*common, transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(),
-                                   transforms.ToTensor(), normalise])
-    eval_tf = transforms.Compose([*common, transforms.ToTensor(), normalise])
+                                   transforms.ToTensor(), transforms.Normalize(mean, std)])
+    eval_tf = transforms.Compose([*common, transforms.ToTensor(), transforms.Normalize(mean, std)])
     full = datasets.ImageFolder(str(data))
-    train_idx, val_idx = random_split(range(len(full)), [0.8, 0.2], generator=torch.Generator().manual_seed(0))
+    chosen = list(range(len(full)))
+    if per_class is not None:
+        counts: dict[int, int] = {}
+        chosen = []
+        for index, (_, label) in enumerate(full.samples):
+            if counts.get(label, 0) < per_class:
+                chosen.append(index)
+                counts[label] = counts.get(label, 0) + 1
+    train_idx, val_idx = random_split(chosen, [0.8, 0.2], generator=torch.Generator().manual_seed(0))
     train_set = torch.utils.data.Subset(datasets.ImageFolder(str(data), transform=train_tf), list(train_idx))
     val_set = torch.utils.data.Subset(datasets.ImageFolder(str(data), transform=eval_tf), list(val_idx))
     return (DataLoader(train_set, batch_size, shuffle=True, num_workers=2),
@@ -50,6 +60,11 @@ def build_model(name: str, num_classes: int, weights: Path | None) -> nn.Module:
                  if not k.startswith(model.default_cfg.get("classifier", "classifier"))}
         missing, _ = model.load_state_dict(state, strict=False)
         print(f"loaded {len(state)} tensors from {weights} ({len(missing)} left at init: the new head)")
+        # timm's EfficientNet heads start at uniform(+-1/sqrt(classes)): on 1280 pretrained features
+        # that gives logits in the tens and a first-epoch loss near 10. Start the new head small.
+        head = model.get_classifier()
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
     return model
 
 
@@ -72,13 +87,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--per-class", type=int, help="use only the first N images of each class (a quick run)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=Path("runs/own_loop"))
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    train_loader, val_loader, classes = loaders(args.data, args.image_size, args.batch_size)
+    classes = datasets.ImageFolder(str(args.data)).classes
     model = build_model(args.model, len(classes), args.weights)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    train_loader, val_loader, _ = loaders(args.data, args.image_size, args.batch_size, data_config["mean"],
+                                          data_config["std"], args.per_class)
+    print(f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images of "
+          f"{len(classes)} classes at {args.image_size} px")
     total_steps = args.epochs * len(train_loader)
 
     if args.strategy == "progressive":

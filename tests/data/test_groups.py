@@ -106,8 +106,13 @@ def test_presplit_leak_is_refused_or_warned(tmp_path, caplog):
     index.groups = assign_groups(index, r"(?P<group>P\d)_", tmp_path)
     with pytest.raises(VisionFTError, match="group 'P3' has images in both train and test"):
         make_splits(index, 0.2, 0.0, 0)
-    with caplog.at_level(logging.WARNING, logger="vision_ft"):
-        make_splits(index, 0.0, 0.0, 0, allow_group_leak=True)
+    logger = logging.getLogger("vision_ft")  # training turns propagation off: listen on it directly
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="vision_ft"):
+            make_splits(index, 0.0, 0.0, 0, allow_group_leak=True)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "P3" in caplog.text
     assert check_group_leak({"train": index.presplit["train"]}, index.groups, allow=False) == []
 

@@ -28,11 +28,15 @@ def test_chosen_threshold_reaches_the_target_on_validation(scores, flags, target
         return
     t = threshold_for_sensitivity(is_positive, scores, target)
     assert binary_rates(is_positive, scores >= t)["sensitivity"] >= target - 1e-9
+    assert not np.any(scores == t)  # between two scores: no image sits on the threshold
     higher = scores[scores > t]
-    if len(higher):  # the next higher threshold would miss the target: t is the tightest
-        assert binary_rates(is_positive, scores >= higher.min())["sensitivity"] < target
+    if len(higher):  # past the next score up the target is missed: t is the tightest
+        assert binary_rates(is_positive, scores >= np.nextafter(higher.min(), 2))["sensitivity"] < target
     t = threshold_for_specificity(is_positive, scores, target)
     assert binary_rates(is_positive, scores >= t)["specificity"] >= target - 1e-9
+    lower = scores[scores < t]
+    if len(lower) and np.any(~is_positive & (scores < t)):  # one score lower and specificity drops below target
+        assert binary_rates(is_positive, scores >= lower.max())["specificity"] < target
 
 
 def test_class_recall_thresholds_and_uncertain_images():
@@ -75,3 +79,29 @@ def test_roc_and_pr_plots_are_written(tmp_path):
     paths = plot_roc_pr(is_positive, scores, tmp_path, "pneumonia", threshold=0.4)
     assert [p.name for p in paths] == ["roc_test.png", "pr_test.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
+
+
+def test_eval_settings_that_cannot_work_are_refused_before_training(tmp_path):
+    from vision_ft.config import build_config
+    from vision_ft.errors import VisionFTError
+    from vision_ft.evaluation.run_evaluation import check_eval_config, load_decision_rule
+
+    binary, three = ["normal", "pneumonia"], ["crack", "ok", "scratch"]
+    cases = [
+        (["eval.positive_class=covid"], binary, "'covid' is not one of"),
+        (["eval.target_sensitivity=0.95"], binary, "need eval.positive_class"),
+        (["eval.positive_class=ok", "eval.target_specificity=0.9"], three, "need a binary task"),
+        (["eval.target_recall={dent: 0.99}"], three, "'dent' is not one of"),
+    ]
+    for overrides, names, message in cases:
+        with pytest.raises(VisionFTError, match=message):
+            check_eval_config(build_config(None, overrides).eval, names)
+    with pytest.raises(VisionFTError, match="not both"):
+        build_config(None, ["eval.target_sensitivity=0.9", "eval.target_specificity=0.9"])
+    with pytest.raises(VisionFTError, match="must be in"):
+        build_config(None, ["eval.target_recall={crack: 1.5}"])
+    with pytest.raises(VisionFTError, match="calibration.temperature"):
+        build_config(None, ["calibration.temperature=-2"])
+    (tmp_path / "decision.json").write_text('{"temperature": 1.0, "positive_class": "covid"}')
+    with pytest.raises(VisionFTError, match="decision.json is malformed"):
+        load_decision_rule(tmp_path, binary)

@@ -46,7 +46,7 @@ def test_search_records_failures_resumes_after_interrupt_and_reports(tmp_path, m
     base = vision_ft.resolve_config(data, "resnet18", weights="none", tune={"space": SPACE, "trials": 3,
                                                                              "startup_trials": 1}, **SETTINGS)
     # The first trial runs a learning rate that blows the weights up: it must fail, not stop the search.
-    study = open_study(TuneFolder(out), base, "macro_f1", None)
+    study = open_study(TuneFolder(out), base, "macro_f1", None)  # creates the folder and its study.db
     study.enqueue_trial({"train.lr": 1e30, "finetune.strategy": "full"})
 
     _interrupt_on_call(monkeypatch, 3)  # trial 0 diverges in epoch 1; trial 1 is stopped in its 2nd epoch
@@ -58,9 +58,10 @@ def test_search_records_failures_resumes_after_interrupt_and_reports(tmp_path, m
 
     result = vision_ft.tune(out=out)  # the same folder alone: continue the saved search
     trials = result.study.trials
-    assert "loss became" in trials[0].user_attrs["error"]
+    assert "diverged" in trials[0].user_attrs["error"] or "loss became" in trials[0].user_attrs["error"]
     assert trials[1].user_attrs["interrupted"] and trials[2].user_attrs["retry_of"] == 1
     assert trials[2].params == trials[1].params
+    assert trials[3].params != trials[2].params  # the resumed search draws new points, not the first call's again
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not t.user_attrs.get("interrupted")]
     assert len(finished) == 3 and result.counts.get("complete", 0) >= 1
     for trial in trials[1:]:

@@ -61,3 +61,35 @@ def test_space_survives_the_config_round_trip():
     assert config.tune.space == space
     assert resolve_config(config=config).tune.space == space
     assert resolve_config(**{"tune.space": space}).tune.space == space
+
+
+SPACE = {"train.lr": {"log_uniform": [1e-5, 1e-3]}}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"trials": 2}, "no data given"),
+        ({"data": "no/such/folder", "trials": 2}, "data no/such/folder does not exist"),
+        ({"data": ".", "trials": 2, "tune": {}}, "tune.space is empty"),
+        ({"data": ".", "tune": {"space": SPACE}}, "say how long to search: --trials N and/or --timeout"),
+        ({"data": ".", "trials": 2, "tune": {"space": SPACE}, "data.val_fraction": 0.0}, "data.val_fraction is 0"),
+        ({"data": ".", "trials": 2, "tune": {"space": SPACE}, "storage": "nosuchdb://host/x"},
+         "cannot open the Optuna storage nosuchdb://host/x"),
+    ],
+)
+def test_bad_search_arguments_stop_before_any_trial(arguments, expected, tmp_path):
+    import vision_ft
+
+    out = tmp_path / "tune"
+    with pytest.raises(VisionFTError) as error:
+        vision_ft.tune(out=out, **arguments)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert not (out / "trials").exists()  # nothing ran
+
+
+def test_best_of_a_folder_that_is_no_search(tmp_path, capsys):
+    from vision_ft.cli import main
+
+    assert main(["tune", "--best", str(tmp_path)]) == 2
+    assert "is not a tune folder (no tune.yaml)" in capsys.readouterr().err

@@ -60,15 +60,19 @@ def _ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in _OS_JUNK
 
 
-def discover(source: Path | str) -> DatasetIndex:
-    """Index the images under `source`: a folder (ImageFolder or pre-split) or a CSV manifest."""
+def discover(source: Path | str, every_class_trains: bool = True) -> DatasetIndex:
+    """Index the images under `source`: a folder (ImageFolder or pre-split) or a CSV manifest.
+
+    `every_class_trains=False` (anomaly detection, which fits one class and only evaluates the
+    others) accepts a single class and classes absent from the train split.
+    """
     source = Path(source).expanduser()
     if not source.exists():
         raise VisionFTError(f"{source} does not exist; pass a folder of class folders or a CSV manifest")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise VisionFTError(f"{source} is a file but not a .csv manifest; pass a folder of class folders or a CSV file")
-        return _discover_csv(source.resolve())
+        return _discover_csv(source.resolve(), every_class_trains)
     root = source.resolve()
     subfolders = _subfolders(root)
     split_folders = [d for d in subfolders if d.name in SPLIT_NAMES]
@@ -79,8 +83,8 @@ def discover(source: Path | str) -> DatasetIndex:
                 f"{root} mixes split folders ({', '.join(d.name for d in split_folders)}) with other folders "
                 f"({', '.join(others[:5])}); use either root/<class>/ or root/{{train,val,test}}/<class>/"
             )
-        return _discover_presplit(root, split_folders)
-    return _discover_image_folder(root)
+        return _discover_presplit(root, split_folders, every_class_trains)
+    return _discover_image_folder(root, every_class_trains)
 
 
 # ------------------------------------------------------------------ folders
@@ -190,19 +194,20 @@ def _check_class_count(where: Path, class_names: list[str]) -> None:
         )
 
 
-def _discover_image_folder(root: Path) -> DatasetIndex:
+def _discover_image_folder(root: Path, every_class_trains: bool = True) -> DatasetIndex:
     images, skipped = _scan_class_folders(root)
     unique, duplicates = _drop_duplicates({("", name): paths for name, paths in images.items()})
     images = {name: unique[("", name)] for name in images}
     skipped.extend(duplicates)
     _check_class_folders(root, images, skipped)
     class_names = sorted(images)
-    _check_class_count(root, class_names)
+    if every_class_trains:
+        _check_class_count(root, class_names)
     samples = [Sample(path, label) for label, name in enumerate(class_names) for path in images[name]]
     return DatasetIndex(root=root, class_names=class_names, samples=samples, presplit=None, skipped=skipped)
 
 
-def _discover_presplit(root: Path, split_folders: list[Path]) -> DatasetIndex:
+def _discover_presplit(root: Path, split_folders: list[Path], every_class_trains: bool = True) -> DatasetIndex:
     names = {d.name for d in split_folders}
     if "train" not in names:
         raise VisionFTError(f"{root} has {', '.join(sorted(names))} folders but no train folder; add {root / 'train'}")
@@ -224,12 +229,13 @@ def _discover_presplit(root: Path, split_folders: list[Path]) -> DatasetIndex:
 
     class_names = sorted(set().union(*(images.keys() for images in per_split.values())))
     missing_in_train = [name for name in class_names if name not in per_split["train"]]
-    if missing_in_train:
+    if missing_in_train and every_class_trains:
         raise VisionFTError(
             f"class {missing_in_train[0]!r} appears in another split but not in {root / 'train'}; "
             "every class needs training images: add a train folder for it or remove it from the other splits"
         )
-    _check_class_count(root / "train", class_names)
+    if every_class_trains:
+        _check_class_count(root / "train", class_names)
     label_of = {name: label for label, name in enumerate(class_names)}
     presplit = {
         split: [Sample(path, label_of[name]) for name in sorted(images) for path in images[name]]
@@ -249,7 +255,7 @@ def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def _discover_csv(csv_path: Path) -> DatasetIndex:
+def _discover_csv(csv_path: Path, every_class_trains: bool = True) -> DatasetIndex:
     root = csv_path.parent
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: tolerate Excel's byte-order mark
@@ -311,7 +317,8 @@ def _discover_csv(csv_path: Path) -> DatasetIndex:
     if not entries:
         raise VisionFTError(f"{csv_path} lists no images; add rows of path,label")
     class_names = _sorted_labels({label for _, label, _ in entries})
-    _check_class_count(csv_path, class_names)
+    if every_class_trains:
+        _check_class_count(csv_path, class_names)
     label_of = {name: index for index, name in enumerate(class_names)}
     samples = [Sample(path, label_of[label]) for path, label, _ in entries]
 
@@ -324,7 +331,7 @@ def _discover_csv(csv_path: Path) -> DatasetIndex:
             raise VisionFTError(f"{csv_path} has no rows with split 'train'; mark the training images as train")
         in_train = {s.label for s in presplit["train"]}
         lacking = [class_names[label] for label in range(len(class_names)) if label not in in_train]
-        if lacking:
+        if lacking and every_class_trains:
             raise VisionFTError(
                 f"{csv_path}: class {lacking[0]!r} has no rows with split 'train'; every class needs training images"
             )

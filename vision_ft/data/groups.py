@@ -139,17 +139,21 @@ def stratified_folds(samples: list[Sample], groups: dict[Path, str] | None, n_fo
         return [held for _, held in splitter.split(placeholder, labels)]
 
 
-def hold_out(samples: list[Sample], groups: dict[Path, str], fraction: float, seed: int,
+def hold_out(samples: list[Sample], groups: dict[Path, str] | None, fraction: float, seed: int,
              what: str) -> tuple[list[Sample], list[Sample]]:
     """(kept, held out): about `fraction` of the samples, whole groups, stratified by class.
 
     The held-out part is one fold of round(1 / fraction) grouped stratified folds, so 0.15
-    holds out 1/7 = 14 % (the achieved proportions are logged and saved in split.json).
+    holds out 1/7 = 14 % (the achieved proportions are logged and saved in split.json); with
+    fewer groups than that, one group's share.
     """
     if fraction <= 0:
         return list(samples), []
     ordered = sorted(samples, key=lambda s: str(s.path))  # independent of discovery order
-    held_index = stratified_folds(ordered, groups, max(2, round(1 / fraction)), seed, what)[0]
+    units = len({groups[s.path] for s in ordered}) if groups else len(ordered)
+    # With fewer groups than parts, hold out one of as many parts as there are groups (a larger share).
+    parts = max(2, min(round(1 / fraction), units))
+    held_index = stratified_folds(ordered, groups, parts, seed, what)[0]
     held = set(held_index.tolist())
     return ([s for i, s in enumerate(ordered) if i not in held], [ordered[i] for i in sorted(held)])
 
@@ -160,5 +164,5 @@ def class_proportions(splits: dict[str, list[Sample]], class_names: list[str]) -
     for name, samples in splits.items():
         counts = np.bincount([s.label for s in samples], minlength=len(class_names))
         total = max(1, counts.sum())
-        table[name] = {c: round(float(n) / total, 4) for c, n in zip(class_names, counts)}
+        table[name] = {c: round(float(n) / float(total), 4) for c, n in zip(class_names, counts)}
     return table

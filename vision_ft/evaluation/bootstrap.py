@@ -75,7 +75,8 @@ def confusion_matrices(weights: np.ndarray, labels: np.ndarray, predicted: np.nd
     cell = labels * num_classes + predicted
     one_hot = np.zeros((len(labels), num_classes * num_classes), dtype=np.float32)
     one_hot[np.arange(len(labels)), cell] = 1.0
-    return (weights @ one_hot).reshape(-1, num_classes, num_classes)
+    # float32 counts are exact up to 2**24 images; the ratios are taken in float64.
+    return (weights @ one_hot).reshape(-1, num_classes, num_classes).astype(np.float64)
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 A screening model is read at an operating point, not at argmax: "95 % of pneumonias flagged"
 fixes the threshold on the validation split, and the test split then says what that costs in
 specificity and PPV (with confidence intervals, from `bootstrap`). Thresholds are chosen so
-that the target is reached on validation (ties at the threshold count as flagged).
+that the target is reached on validation, halfway between two validation scores so that a score
+computed a few ulps differently elsewhere does not flip a decision.
 """
 
 from __future__ import annotations
@@ -15,25 +16,43 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 
+def _midpoint(chosen: float, scores: np.ndarray, above: bool) -> float:
+    """Halfway from `chosen` to the nearest other score above (or below) it.
+
+    Any threshold in that gap makes the same decisions on these images; the middle keeps an
+    image whose score equals `chosen` from flipping when another runtime computes it a few ulps
+    differently (onnxruntime and torch differ by about 1e-8).
+    """
+    others = scores[scores > chosen] if above else scores[scores < chosen]
+    if len(others) == 0:  # nothing beyond: a margin far above float noise, far below score steps
+        margin = max(1e-6, abs(chosen) * 1e-6)
+        return float(chosen + margin if above else chosen - margin)
+    neighbour = others.min() if above else others.max()
+    return float((chosen + neighbour) / 2)
+
+
 def threshold_for_sensitivity(is_positive: np.ndarray, scores: np.ndarray, target: float) -> float:
-    """The highest threshold t for which score >= t flags at least `target` of the positives."""
-    positives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(is_positive, dtype=bool)])[::-1]
+    """The threshold t (score >= t flags) that flags at least `target` of the positives and as few
+    images as possible: between the needed positive's score and the next lower score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.sort(scores[np.asarray(is_positive, dtype=bool)])[::-1]
     if len(positives) == 0:
         raise ValueError("no positive images to choose a sensitivity threshold on")
     needed = max(1, math.ceil(target * len(positives) - 1e-9))
-    return float(positives[needed - 1])
+    return _midpoint(float(positives[needed - 1]), scores, above=False)
 
 
 def threshold_for_specificity(is_positive: np.ndarray, scores: np.ndarray, target: float) -> float:
-    """The lowest threshold t for which score < t clears at least `target` of the negatives."""
-    negatives = np.sort(np.asarray(scores, dtype=np.float64)[~np.asarray(is_positive, dtype=bool)])
+    """The threshold t (score < t clears) that clears at least `target` of the negatives and flags
+    as many images as possible: between the needed negative's score and the next higher score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    negatives = np.sort(scores[~np.asarray(is_positive, dtype=bool)])
     if len(negatives) == 0:
         raise ValueError("no negative images to choose a specificity threshold on")
     needed = math.ceil(target * len(negatives) - 1e-9)
     if needed <= 0:
         return float(negatives[0])
-    # Just above the needed-th lowest negative score, so that it and every tie of it are cleared.
-    return float(np.nextafter(negatives[needed - 1], np.inf))
+    return _midpoint(float(negatives[needed - 1]), scores, above=True)
 
 
 def class_recall_thresholds(labels: np.ndarray, probabilities: np.ndarray, targets: dict[int, float]) -> dict[int, float]:

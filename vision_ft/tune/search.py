@@ -169,17 +169,24 @@ def open_study(folder: TuneFolder, base: Config, metric: str, storage: str | Non
     """Create the study, or load it when it exists (an interrupted search resumes)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead
-    sampler = optuna.samplers.TPESampler(seed=base.train.seed)
+    # Our own line per trial instead; Optuna would log every failed trial with its traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    folder.root.mkdir(parents=True, exist_ok=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=base.tune.startup_trials,
                                          n_warmup_steps=base.tune.warmup_epochs)
     try:
-        return optuna.create_study(storage=storage or folder.storage, study_name=folder.root.resolve().name,
-                                   sampler=sampler, pruner=pruner, load_if_exists=True,
-                                   direction="minimize" if metric == "loss" else "maximize")
-    except (ValueError, ImportError, optuna.exceptions.OptunaError) as exc:  # bad URL, missing driver, ...
+        study = optuna.create_study(storage=storage or folder.storage, study_name=folder.root.resolve().name,
+                                    pruner=pruner, load_if_exists=True,
+                                    direction="minimize" if metric == "loss" else "maximize")
+    except Exception as exc:  # bad URL, missing driver, unreachable server: all one-line errors
         raise VisionFTError(f"cannot open the Optuna storage {storage or folder.storage}: "
                             f"{str(exc).splitlines()[0]}") from None
+    # Seeded for reproducible searches, but offset by the trials already stored: a resumed search
+    # (or a second worker) would otherwise draw the very points the first call drew. TPE models
+    # the space after startup_trials random ones (Optuna's default of 10 is most of a small search).
+    study.sampler = optuna.samplers.TPESampler(seed=base.train.seed + len(study.trials),
+                                               n_startup_trials=max(1, base.tune.startup_trials))
+    return study
 
 
 def _retry_interrupted(study: optuna.Study) -> None:
@@ -233,10 +240,10 @@ def tune(
     base = _base_config(folder, config, data, model, weights, overrides)
     metric = _check_base(base)
     dimensions = parse_space(base.tune.space, base)
+    study = open_study(folder, base, metric, storage)
     folder.trials.mkdir(parents=True, exist_ok=True)
     if not folder.config.is_file():
         save_config(base, folder.config)
-    study = open_study(folder, base, metric, storage)
     _retry_interrupted(study)
     remaining = None if base.tune.trials is None else max(0, base.tune.trials - _finished(study))
     done = _finished(study)
