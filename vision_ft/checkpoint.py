@@ -161,11 +161,14 @@ def save_checkpoints(
     optimizer: torch.optim.Optimizer,
     improved: bool,
     extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
+    best_model: nn.Module | None = None,
+    best_extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write `last/` (weights, optimizer, `state`) and, when `improved`, `best/` as one atomic unit.
 
     `state` must be JSON-serialisable and hold "epoch". When the epoch did not improve, `best/`
-    keeps the previous best. Returns once everything is on disk: only then may the caller log
+    keeps the previous best. `best_model` (default `model`) gives best/ other weights, e.g. a
+    weight average chosen on validation. Returns once everything is on disk: only then may the caller log
     the epoch as done.
     """
     extra_files = extra_files or {}
@@ -177,7 +180,9 @@ def save_checkpoints(
         temp.mkdir()
         _write_folder(temp / "last", weights, extra_files, {**state, "optimizer": optimizer_meta}, optimizer_tensors)
         if improved:
-            _write_folder(temp / "best", weights, extra_files, dict(state), None)
+            best_weights = weights if best_model is None or best_model is model else _cpu_tensors(best_model.state_dict())
+            _write_folder(temp / "best", best_weights, best_extra_files if best_extra_files is not None else extra_files,
+                          dict(state), None)
         elif (checkpoints / "best").is_dir():
             _link_or_copy(checkpoints / "best", temp / "best")
         _fsync_dir(temp)

@@ -71,12 +71,15 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder given by --out from its last checkpoint.")] = False,
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out unreadable images with a warning.")] = False,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Wall-clock budget, e.g. 10m: epochs are planned to fit it, evaluation and export included.")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="classification (default) or anomaly: fit on good parts only.")] = None,
 ) -> None:
     """Fine-tune a backbone on labelled images and write a run folder."""
     import vision_ft
 
     settings = set_options(overrides) | ({"task": task} if task is not None else {})
+    if budget is not None:
+        settings["train.time_budget"] = budget
     run = vision_ft.train(data=data, model=model, out=out, config=config, resume=resume, weights=weights,
                           force=force, skip_bad_images=skip_bad_images, **settings)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -122,6 +125,28 @@ def cv(
     for line in cv_table(result.summary):
         typer.echo(line)
     typer.echo(f"CV folder: {result.out} (summary.json, report.md, oof_predictions.csv)")
+
+
+@app.command(name="lr-find")
+def lr_find(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a weights file.")] = None,
+    overrides: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the plot.")] = Path("lr_find.png"),
+    steps: Annotated[int, typer.Option("--steps", min=5, help="Optimizer steps of the range test.")] = 100,
+    start_lr: Annotated[float, typer.Option("--start-lr", help="First learning rate.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option("--end-lr", help="Last learning rate.")] = 1.0,
+) -> None:
+    """Learning-rate range test: a plot of the loss against a growing rate, and a suggested rate."""
+    from vision_ft.config import build_config
+    from vision_ft.lr_find import lr_range_test
+
+    cfg = build_config(config, overrides, data_path=str(data) if data else None, model_name=model, model_weights=weights)
+    result = lr_range_test(cfg, steps=steps, start_lr=start_lr, end_lr=end_lr, plot=out)
+    typer.echo(f"{len(result.lrs)} steps from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; plot: {out}")
+    typer.echo(f"suggested learning rate: {result.suggestion:.2g} (train with --set train.lr={result.suggestion:.2g})")
 
 
 @app.command(name="tune")

@@ -11,13 +11,37 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
 from vision_ft.errors import VisionFTError
 from vision_ft.safe_yaml import load_yaml, short_repr
+
+
+def _int_or_auto(minimum: int, maximum: int | None = None) -> Any:
+    """A setting that is a whole number in [minimum, maximum], or "auto" (decided from the data)."""
+
+    def check(value: Any) -> int | str:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"must be 'auto' or a whole number >= {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"must be 'auto' or between {minimum} and {maximum if maximum is not None else 'any'}")
+        return int(value)
+
+    return Annotated[int | str, PlainValidator(check), PlainSerializer(lambda v: v)]
+
+
+def _float_or_auto(value: Any) -> float | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("must be 'auto' or a number > 0")
+    return float(value)
 
 
 class _Strict(BaseModel):
@@ -43,7 +67,8 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     path: str | None = None
-    image_size: int = Field(224, ge=16, le=4096)
+    # auto: from the images' native sizes, clamped and rounded for the backbone (vision_ft/auto_size.py)
+    image_size: _int_or_auto(16, 4096) = "auto"
     channels: Literal[1, 3] = 3
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -56,8 +81,9 @@ class DataConfig(_Strict):
     # memory on hostile files. See vision_ft.data.decode.MAX_PIXELS.
     max_pixels: int = Field(40_000_000, ge=1024)
     # How to counter class imbalance: weight the loss by inverse class frequency, or draw
-    # batches with a class-balanced sampler.
-    balance: Literal["none", "loss_weights", "sampler"] = "none"
+    # batches with a class-balanced sampler; auto weights the loss when the smallest class has
+    # under a third of the largest one's images (vision_ft/imbalance.py).
+    balance: Literal["auto", "none", "loss_weights", "sampler"] = "auto"
     # A CSV column or a regex with (?P<group>...) over the relative path: images of one group
     # (patient) never share a split; see vision_ft.data.groups.
     group_by: str | None = None
@@ -81,14 +107,17 @@ class ModelConfig(_Strict):
 
 
 class EarlyStoppingConfig(_Strict):
-    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] = "macro_f1"
-    patience: int = Field(5, ge=1)
+    # auto: AUROC for two classes, the loss otherwise (smooth metrics a small val split cannot fool)
+    metric: Literal["auto", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] = "auto"
+    patience: _int_or_auto(1) = "auto"
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: _int_or_auto(1) = "auto"
+    # e.g. "10m", "90s", "1h30m": epochs are planned to fill it, evaluation and export included
+    time_budget: str | None = None
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: Annotated[float | str, PlainValidator(_float_or_auto), PlainSerializer(lambda v: v)] = "auto"
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
@@ -98,7 +127,18 @@ class TrainConfig(_Strict):
     # (CPU autocast was slower than fp32 in our measurements on machines without AMX).
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     seed: int = 0
+    # Keep an exponential moving average of the weights; it is evaluated each epoch and kept when better.
+    ema: bool = True
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    @field_validator("time_budget")
+    @classmethod
+    def _readable_budget(cls, value: str | None) -> str | None:
+        if value is not None:
+            from vision_ft.budget import parse_duration
+
+            parse_duration(value)  # raises ValueError with the accepted forms
+        return value
 
 
 class LoRAConfig(_Strict):
@@ -175,6 +215,8 @@ class EvalConfig(_Strict):
     target_recall: dict[str, float] | None = None
     bootstrap_resamples: int = Field(2000, ge=0)  # 0: no confidence intervals
     confidence: float = Field(0.95, gt=0, lt=1)
+    # flip: average the predictions of each image and its horizontal mirror (final val/test evaluation)
+    tta: Literal["none", "flip"] = "none"
 
     @field_validator("target_recall")
     @classmethod

@@ -14,7 +14,8 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def write_report(run: RunFolder, config: Config, class_names: list[str], metrics: dict[str, Any], state: dict[str, Any]) -> None:
+def write_report(run: RunFolder, config: Config, class_names: list[str], metrics: dict[str, Any], state: dict[str, Any],
+                 notes: list[str] | None = None) -> None:
     lines = [
         f"# vision-ft run `{run.root.name}`",
         "",
@@ -23,20 +24,25 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
         f"- input: {config.data.image_size} px, {config.data.channels} channel(s)",
         f"- epochs run: {state['epoch']} of {config.train.epochs}"
         + (" (stopped early)" if state.get("stopped_early") else "")
-        + f"; best epoch {state['best_epoch']} by val {config.train.early_stopping.metric}",
+        + f"; best epoch {state['best_epoch']} by val {config.train.early_stopping.metric}"
+        + (" (the weight average)" if state.get("best_weights") == "average" else ""),
+        f"- test-time augmentation: {config.eval.tta}" + (" (the ONNX model predicts without it)" if config.eval.tta != "none" else ""),
         f"- vision-ft {__version__}",
         "",
         "## Metrics (best checkpoint)",
         "",
-        "| split | accuracy | balanced acc. | macro-F1 | ROC-AUC | images |",
+        "| split | balanced acc. | macro-F1 | ROC-AUC | accuracy | images |",
         "|---|---|---|---|---|---|",
     ]
     for split in ("val", "test"):
         if split in metrics:
             m = metrics[split]
-            lines.append(f"| {split} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_f1'])} "
-                         f"| {_fmt(m['auroc'])} | {m['num_samples']} |")
+            lines.append(f"| {split} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['auroc'])} "
+                         f"| {_fmt(m['accuracy'])} | {m['num_samples']} |")
     lines += report_section(metrics)
+    lines += [f"\n> **Warning:** {text}." for text in metrics.get("warnings", [])]
+    if notes:
+        lines += ["", "## Settings chosen for this data", "", *[f"- {note}" for note in notes]]
     if "test" in metrics:
         lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
         for name, row in metrics["test"]["per_class"].items():

@@ -49,6 +49,7 @@ def build_model(config: Config, num_classes: int, weights: str | None = None) ->
         in_chans=config.data.channels,
         weights=config.model.weights if weights is None else weights,
         drop_rate=config.model.drop_rate,
+        image_size=config.data.image_size if isinstance(config.data.image_size, int) else None,
     )
 
 

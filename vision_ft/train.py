@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,9 @@ from vision_ft import distributed
 from vision_ft.callbacks import TrainingCallback, group_learning_rates
 from vision_ft.checkpoint import (append_metrics_line, load_model_weights, load_optimizer_state, reconcile_metrics_log,
                                   recover_checkpoints, save_checkpoints, verify_resume_point)
-from vision_ft.config import Config, save_config
+from vision_ft.auto_config import auto_patience, resolve_auto
+from vision_ft.budget import BudgetPlanner, parse_duration
+from vision_ft.config import Config, save_config, validate_config
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample, discover
@@ -38,6 +40,7 @@ from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, class_counts, seed_training_epoch, stop_all_workers
 from vision_ft.data.split import load_split, load_split_groups, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
+from vision_ft.ema import WeightAverage
 from vision_ft.errors import TrainingDiverged, VisionFTError
 from vision_ft.evaluation.run_evaluation import (
     SplitPredictions,
@@ -46,11 +49,13 @@ from vision_ft.evaluation.run_evaluation import (
     summary_lines,
 )
 from vision_ft.experiment_log import open_experiment_logs
+from vision_ft.imbalance import val_test_disagreements
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.interrupts import sigterm_as_interrupt
 from vision_ft.metrics import compute_metrics, format_summary
 from vision_ft.models.create import check_model_name
+from vision_ft.models.input_size import check_input_size
 from vision_ft.plots import plot_confusion_matrix, plot_training_curves
 from vision_ft.report import write_report
 from vision_ft.run_folder import RunFolder, create_run_folder, open_run_folder
@@ -153,15 +158,20 @@ def predict_logits(
     loader: Any,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (float32) and labels for every batch of `loader`."""
+    """Logits (float32) and labels for every batch of `loader`; with `tta="flip"` the mean of each
+    image's and its horizontal mirror's logits."""
     model.eval()
     all_logits, all_labels = [], []
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for images, labels in loader:
+        images = images.to(device, non_blocking=True)
         with autocast:
-            logits = model(images.to(device, non_blocking=True))
-        all_logits.append(logits.float().cpu())
+            logits = model(images).float()
+            if tta == "flip":
+                logits = (logits + model(images.flip(-1)).float()) / 2
+        all_logits.append(logits.cpu())
         all_labels.append(labels)
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
@@ -171,9 +181,10 @@ def predict_loader(
     loader: Any,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels for every batch of `loader`."""
-    logits, labels = predict_logits(model, loader, device, amp_dtype)
+    """Softmax probabilities and labels for every batch of `loader` (`tta` as in `predict_logits`)."""
+    logits, labels = predict_logits(model, loader, device, amp_dtype, tta)
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy(), labels
 
 
@@ -214,6 +225,7 @@ def _train_one_epoch(
     step: int,
     schedule: dict[str, int],
     epoch: int,
+    after_step: Callable[[int], None] | None = None,
 ) -> tuple[float, int]:
     strategy.set_train_mode(model.module if isinstance(model, DistributedDataParallel) else model)
     total_loss, seen, correct = 0.0, 0, 0
@@ -251,6 +263,8 @@ def _train_one_epoch(
         else:
             optimizer.step()
         step += 1
+        if after_step is not None:
+            after_step(step)  # weight average, time-budget timing
         total_loss += loss.item() * len(labels)
         seen += len(labels)
         correct += int((logits.detach().argmax(1) == labels).sum())
@@ -280,6 +294,59 @@ def _is_better(score: float | None, best: float | None, metric: str) -> bool:
     return score < best if metric == "loss" else score > best
 
 
+def _validate(model: nn.Module, average: WeightAverage | None, loader: Any, class_names: list[str], metric: str,
+              context: distributed.Context, amp_dtype: torch.dtype | None, config: Config
+              ) -> tuple[dict[str, Any], float, nn.Module]:
+    """Validation metrics, selection score and module of the better of the trained weights and their average."""
+    candidates = [model] + ([average.module] if average is not None else [])
+    best: tuple[dict[str, Any], float, nn.Module] | None = None
+    for candidate in candidates:
+        probs, labels = predict_loader(candidate, loader, context.device, amp_dtype)
+        val = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
+        score = val[metric]
+        if best is None or _is_better(score, best[1], metric):
+            best = (val, score, candidate)
+    assert best is not None
+    return best
+
+
+def _budget_planner(config: Config, run: RunFolder, resume: bool, run_started: float, steps_per_epoch: int,
+                    eval_sets: dict[str, Any], notes: list[str], context: distributed.Context) -> BudgetPlanner | None:
+    patience_auto = config.train.early_stopping.patience == "auto"
+    if patience_auto:  # provisional until the budget's plan says how many epochs there are
+        config.train.early_stopping.patience = auto_patience(config.train.epochs)
+    if not config.train.time_budget:
+        return None
+    if resume:
+        log.info("time budget: not applied to a resumed run; it trains to epoch %d", config.train.epochs)
+        return None
+    return BudgetPlanner(
+        budget_s=parse_duration(config.train.time_budget), steps_per_epoch=steps_per_epoch,
+        batch_size=config.train.batch_size, val_images=len(eval_sets.get("val", [])),
+        test_images=len(eval_sets.get("test", [])), max_epochs=config.train.epochs,
+        evals_per_epoch=2 if config.train.ema else 1, tta_factor=2 if config.eval.tta == "flip" else 1,
+        export=config.export.onnx, patience_auto=patience_auto, started=run_started,
+    )
+
+
+def _plan_epochs(budget: BudgetPlanner, config: Config, run: RunFolder, schedule: dict[str, int], steps_per_epoch: int,
+                 epochs_done: int, context: distributed.Context, notes: list[str]) -> None:
+    """Set the epochs (and the cosine schedule's length, and auto patience) to what fits the budget."""
+    in_epoch = 0.0 if epochs_done else budget.elapsed_in_first_epoch()
+    epochs = distributed.broadcast_from_main(context, budget.plan(epochs_done, in_epoch))
+    if epochs == config.train.epochs and epochs_done:
+        return
+    config.train.epochs = epochs
+    schedule["total_steps"] = steps_per_epoch * epochs
+    if budget.patience_auto:
+        config.train.early_stopping.patience = auto_patience(epochs)
+    note = budget.describe(epochs)
+    log.info("%s", note)
+    notes.append(note)
+    if context.is_main:
+        save_config(config, run.config)  # the run folder says how many epochs were planned
+
+
 def train(
     config: Config,
     out: Path,
@@ -298,6 +365,11 @@ def train(
 
         if resume:
             raise VisionFTError("an anomaly run is fitted in one pass and cannot be resumed; start it again with --force")
+        if config.data.image_size == "auto":  # anomaly features keep the backbone's pretraining size
+            from vision_ft.auto_size import backbone_geometry
+
+            config = config.model_copy(deep=True)
+            config.data.image_size = backbone_geometry(config.model.name)[0]
         return train_anomaly(config, Path(out), force=force)
     context = distributed.setup()
     lock = RunLock(out)  # rank 0 holds it for the whole run: one process per run folder
@@ -311,9 +383,11 @@ def train(
 
 
 def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
-                 lock: RunLock) -> tuple[RunFolder, list[str], dict[str, list[Sample]]]:
-    """Check inputs and lay out the run folder on rank 0; every rank then reads the same split."""
+                 lock: RunLock) -> tuple[RunFolder, list[str], dict[str, list[Sample]], Config, list[str]]:
+    """Check inputs, resolve the `auto` settings and lay out the run folder on rank 0; every rank
+    then reads the same split and resolved config."""
     error: str | None = None
+    notes: list[str] = []
     if context.is_main:
         try:
             if resume:
@@ -327,6 +401,8 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 check_model_name(config.model.name)
                 validate_augment_spec(config.data.augment.train)
                 class_names, splits, index = _check_data_and_split(config)
+                config, notes = resolve_auto(config, splits, class_names, context.world_size)
+                check_input_size(config.model.name, len(class_names), config.data.channels, config.data.image_size)
                 check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
                 check_eval_config(config.eval, class_names)  # eval.positive_class etc. name real classes
                 run = create_run_folder(out, force=force, lock=lock)
@@ -339,16 +415,18 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
         raise VisionFTError(error)
     run = RunFolder(out)
     class_names, splits = load_split(run.split)
-    return run, class_names, splits
+    resolved = distributed.broadcast_from_main(context, config.model_dump(mode="json") if context.is_main else None)
+    return run, class_names, splits, validate_config(resolved), notes
 
 
 def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
            lock: RunLock, callbacks: list[TrainingCallback]) -> TrainResult:
+    started = time.monotonic()  # a time budget counts from here: data checks included
     _setup_logging(context, None)
-    run, class_names, splits = _prepare_run(config, out, force, resume, context, lock)
+    run, class_names, splits, config, notes = _prepare_run(config, out, force, resume, context, lock)
     try:
         callbacks = [*open_experiment_logs(run, config, context.is_main), *callbacks]
-        return _run_training(config, run, class_names, splits, resume, context, callbacks)
+        return _run_training(config, run, class_names, splits, resume, context, callbacks, notes, started)
     except (VisionFTError, KeyboardInterrupt) as exc:
         # A new run that failed or was stopped before its first checkpoint (weights that do not
         # fit, a diverging loss, Ctrl-C in epoch 1) leaves nothing worth keeping; removing it lets
@@ -367,11 +445,14 @@ def _train(config: Config, out: Path, force: bool, resume: bool, context: distri
 
 
 def _run_training(config: Config, run: RunFolder, class_names: list[str], splits: dict[str, list[Sample]],
-                  resume: bool, context: distributed.Context, callbacks: list[TrainingCallback]) -> TrainResult:
+                  resume: bool, context: distributed.Context, callbacks: list[TrainingCallback],
+                  notes: list[str], run_started: float) -> TrainResult:
     _setup_logging(context, run.log_file)
     seed_everything(config.train.seed + context.rank)
     log.info("run folder %s", run.root)
     log.info("data %s: %s", config.data.path, _describe_split(class_names, splits))
+    for note in notes:
+        log.info("auto: %s", note)
 
     weights = "none" if resume else None  # resume takes every weight from the checkpoint
     model = build_model(config, len(class_names), weights=weights)
@@ -451,7 +532,23 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
     metric = config.train.early_stopping.metric
     ddp_model = _wrap(model, context)
     stopped_early = False
-    for epoch in range(state["epoch"] + 1, config.train.epochs + 1):
+    average = WeightAverage(model) if config.train.ema else None
+    budget = _budget_planner(config, run, resume, run_started, steps_per_epoch, eval_sets, notes, context)
+
+    def after_step(step: int) -> None:
+        if average is not None:
+            average.update(model, step)
+        if budget is not None and budget.record_step():
+            _plan_epochs(budget, config, run, schedule, steps_per_epoch, state["epoch"], context, notes)
+
+    epoch = state["epoch"]
+    while epoch < config.train.epochs:
+        epoch += 1
+        if budget is not None and epoch > 1 and not distributed.broadcast_from_main(context, budget.another_epoch_fits()):
+            log.info("time budget: %.0f s left, not enough for another epoch (~%.0f s) and the final evaluation "
+                     "and export (~%.0f s); stopping after epoch %d", budget.remaining(),
+                     budget.estimated_epoch_seconds(), budget.final_seconds(), epoch - 1)
+            break
         started = time.time()
         seed_training_epoch(config.train.seed, context.rank, epoch)  # dropout draws do not depend on a resume
         if strategy.on_epoch_start(epoch, model, optimizer, state["step"], config.train.lr, config.train.weight_decay):
@@ -462,16 +559,19 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             sampler.set_epoch(epoch)  # a new, reproducible shuffle each epoch (also after resume)
         train_loss, state["step"] = _train_one_epoch(
             ddp_model, strategy, train_loader, loss_fn, optimizer, scaler, config, context, amp_dtype,
-            state["step"], schedule, epoch,
+            state["step"], schedule, epoch, after_step=after_step,
         )
         stop = False
+        chosen = model
         if context.is_main:
             row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             if "val" in eval_loaders:
-                probs, labels = predict_loader(model, eval_loaders["val"], context.device, amp_dtype)
-                val = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
+                val_started = time.time()
+                val, score, chosen = _validate(model, average, eval_loaders["val"], class_names, metric, context, amp_dtype, config)
                 row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc")})
-                score = val["loss" if metric == "loss" else metric]
+                row["weights"] = "average" if chosen is not model else "trained"
+                if budget is not None:
+                    budget.record_eval(time.time() - val_started, len(eval_sets["val"]) * (2 if average else 1))
             else:
                 score = -train_loss if metric != "loss" else train_loss  # no val split: watch the training loss
             row["seconds"] = round(time.time() - started, 1)
@@ -484,15 +584,23 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             stop = state["bad_epochs"] >= config.train.early_stopping.patience
             state.update(epoch=epoch, stopped_early=stop and epoch < config.train.epochs,
                          strategy=strategy.state_dict())
+            if improved:
+                state["best_weights"] = row.get("weights", "trained")
             # The checkpoint is on disk before the epoch is logged: a crash in between loses at
             # most a log line, which --resume restores from the checkpoint's history.
-            save_checkpoints(run.checkpoints, model, state, optimizer, improved, strategy.extra_checkpoint_files(model))
+            save_checkpoints(run.checkpoints, model, state, optimizer, improved, strategy.extra_checkpoint_files(model),
+                             best_model=chosen, best_extra_files=strategy.extra_checkpoint_files(chosen))
             append_metrics_line(run.metrics_log, row)
             log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
                      format_summary({k[4:]: v for k, v in row.items() if k.startswith("val_")}), row["seconds"],
-                     "  *best*" if improved else "")
+                     ("  *best*" + (" (weight average)" if chosen is not model else "")) if improved else "")
             for callback in callbacks:
                 callback.on_epoch_end(epoch, row, group_learning_rates(optimizer.param_groups))
+        if budget is not None and epoch == 1:
+            budget.epoch_seconds = time.time() - started
+            _plan_epochs(budget, config, run, schedule, steps_per_epoch, epoch, context, notes)
+        elif budget is not None:
+            budget.epoch_seconds = max(budget.epoch_seconds or 0.0, time.time() - started)
         stop = distributed.broadcast_from_main(context, stop)
         if stop:
             stopped_early = epoch < config.train.epochs
@@ -501,7 +609,9 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
 
     metrics: dict[str, Any] = {}
     if context.is_main:
-        metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config)
+        metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config, notes)
+        if budget is not None:
+            log.info("time budget %.0f s: the run took %.0f s", budget.budget_s, budget.elapsed())
         for callback in callbacks:
             callback.on_train_end(metrics)
     distributed.barrier(context)
@@ -510,16 +620,18 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
 
 def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, Any], class_names: list[str],
                       context: distributed.Context, amp_dtype: torch.dtype | None, state: dict[str, Any],
-                      config: Config) -> dict[str, Any]:
+                      config: Config, notes: list[str]) -> dict[str, Any]:
     """Evaluate the best checkpoint on val and test, write metrics.json, plots and the report."""
     load_model_weights(run.best, model)
     metrics: dict[str, Any] = {}
     run.plots.mkdir(exist_ok=True)
     outputs: dict[str, SplitPredictions] = {}
+    predictions = {}
     groups = load_split_groups(run.split)
     for name, loader in eval_loaders.items():
-        logits, labels = predict_logits(model, loader, context.device, amp_dtype)
+        logits, labels = predict_logits(model, loader, context.device, amp_dtype, tta=config.eval.tta)
         probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        predictions[name] = (probs, labels)
         metrics[name] = evaluate_probs(probs, labels, class_names, config.train.label_smoothing)
         paths = [s.path for s in loader.dataset.samples]
         outputs[name] = SplitPredictions(logits, labels, [str(p) for p in paths],
@@ -531,12 +643,17 @@ def _final_evaluation(run: RunFolder, model: nn.Module, eval_loaders: dict[str, 
     metrics.update(evaluate_run_predictions(run.root, config, class_names, outputs))  # CIs, calibration, thresholds
     for line in summary_lines(metrics):
         log.info("%s", line)
+    if "val" in predictions and "test" in predictions:
+        metrics["warnings"] = val_test_disagreements(predictions["val"], predictions["test"],
+                                                     config.eval.bootstrap_resamples, config.eval.confidence)
+        for warning in metrics["warnings"]:
+            log.warning("warning: %s", warning)
     run.metrics.write_text(json.dumps(metrics, indent=1))
     if state["history"]:
         plot_training_curves(state["history"], run.plots / "training_curves.png", config.train.early_stopping.metric)
     if config.export.onnx:
         _export_onnx(run)
-    write_report(run, config, class_names, metrics, state)
+    write_report(run, config, class_names, metrics, state, notes)
     return metrics
 
 

@@ -155,7 +155,13 @@ def _check_base(base: Config) -> str:
                             "set it above 0 (e.g. 0.15)")
     if base.tune.trials is None and base.tune.timeout is None:
         raise VisionFTError("say how long to search: --trials N and/or --timeout SECONDS (or tune.trials / tune.timeout)")
-    return base.tune.metric or base.train.early_stopping.metric
+    metric = base.tune.metric or base.train.early_stopping.metric
+    if metric == "auto":  # what training would select on: AUROC for two classes, else the loss
+        from vision_ft.auto_config import auto_metric
+        from vision_ft.data.discover import discover
+
+        metric = auto_metric(len(discover(Path(base.data.path)).class_names))
+    return metric
 
 
 def _finished(study: optuna.Study) -> int:
