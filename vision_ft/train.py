@@ -515,7 +515,7 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
         if finished and not run.metrics.is_file():
             # Killed after its last checkpoint, before the final evaluation: finish just that.
             log.info("run ended after epoch %d without its final evaluation; evaluating now", state["epoch"])
-            metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config) \
+            metrics = _final_evaluation(run, model, eval_loaders, class_names, context, amp_dtype, state, config, notes) \
                 if context.is_main else {}
             for callback in callbacks if context.is_main else []:
                 callback.on_train_end(metrics)
