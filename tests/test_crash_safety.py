@@ -332,7 +332,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(tiny_neu, tm
 def test_a_diverging_run_leaves_nothing_that_blocks_the_corrected_command(tiny_neu, tmp_path, capsys):
     run = tmp_path / "run"
     capsys.readouterr()
-    assert main(["train", "--data", str(tiny_neu), "--out", str(run), *TINY, "--set", "train.lr=1e38",
+    assert main(["train", "--data", str(tiny_neu), "--out", str(run), *TINY, "--set", "train.lr=1.0e+38",
                  "--set", "train.warmup_epochs=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the training log
     assert err.startswith("error: the loss became"), err
