@@ -9,6 +9,7 @@ the key, what is allowed, and a close match when there is one.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,7 +40,7 @@ def _int_or_auto(minimum: int, maximum: int | None = None) -> Any:
 def _float_or_auto(value: Any) -> float | str:
     if value == "auto":
         return "auto"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError("must be 'auto' or a number > 0")
     return float(value)
 
