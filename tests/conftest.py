@@ -59,3 +59,19 @@ def torchrun(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
         return done
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def restore_vision_ft_logger():
+    """Undo what a training run does to the "vision_ft" logger (its own handlers on streams the
+    test closes, propagate off), so caplog works in whatever test runs next."""
+    import logging
+
+    logger = logging.getLogger("vision_ft")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.propagate, logger.level = propagate, level

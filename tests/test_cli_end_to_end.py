@@ -64,7 +64,7 @@ def test_predict_writes_csv_with_labels_and_top_k(trained_run, neu_subset, tmp_p
     assert main(["predict", str(trained_run), str(neu_subset / "scratches"), "--out", str(out), "--top-k", "2"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == PER_CLASS
-    assert list(rows[0]) == ["path", "label", "score", "top1_label", "top1_score", "top2_label", "top2_score"]
+    assert list(rows[0]) == ["path", "label", "score", "top1_label", "top1_score", "top2_label", "top2_score", "error"]
     for row in rows:
         assert row["label"] in CLASSES and row["label"] == row["top1_label"]
         assert float(row["top1_score"]) >= float(row["top2_score"])

@@ -226,15 +226,17 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Label images whose top score is below this probability 'uncertain' (for manual inspection).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
+    skip_bad_images: Annotated[bool, typer.Option(
+        "--skip-bad-images", help="List unreadable images in the output (label 'error', reason in the error column) instead of stopping.")] = False,
     heatmaps: Annotated[Optional[Path], typer.Option(
         "--heatmaps", help="Also write each image with its heatmap overlaid (PNG) into this folder: anomaly maps, or class activation maps.")] = None,
 ) -> None:
-    """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
+    """Label images with a trained run or an exported ONNX model; CSV with path, label, score, top-k scores and error."""
     import vision_ft
     from vision_ft.evaluation.run_evaluation import load_decision_rule
     from vision_ft.heatmaps.predict import is_anomaly_source, predict_and_draw
     from vision_ft.onnx_predict import is_onnx_model, onnx_probabilities
-    from vision_ft.predict import collect_images, prediction_header, prediction_rows
+    from vision_ft.predict import collect_images, prediction_header, prediction_rows, readable_images
     from vision_ft.runtime import check_threshold
 
     check_threshold(threshold)  # the model is opened before the images are listed: its errors come first
@@ -243,17 +245,21 @@ def predict(
         _write_rows(out, header, rows)
         return
     if is_onnx_model(source):
-        model, images, probs = onnx_probabilities(source, path, batch_size)
+        model, images, probs, skipped = onnx_probabilities(source, path, batch_size, skip_bad_images)
         class_names, rule = model.class_names, model.rule
     else:
         run = vision_ft.load_run(source)
         images = collect_images(path)
+        readable, skipped = readable_images(images, skip_bad_images)
         class_names = run.class_names
-        probs = run.predict_proba(images, batch_size)  # with the run's temperature, as the runtime
+        probs = run.predict_proba(readable, batch_size)  # with the run's temperature, as the runtime
         rule = load_decision_rule(run.path, class_names)
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} (label 'error' in the output)", err=True)
     top_k = max(1, min(top_k, len(class_names)))
     # Labels by the run's operating thresholds; --threshold marks low-confidence images on top.
-    header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k, rule, threshold)
+    header = prediction_header(top_k)
+    rows = prediction_rows(images, probs, class_names, top_k, rule, threshold, skipped)
     _write_rows(out, header, rows)
 
 

@@ -9,6 +9,7 @@ the key, what is allowed, and a close match when there is one.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValida
                       model_validator)
 
 from vision_ft.errors import VisionFTError
+from vision_ft.safe_yaml import load_yaml, short_repr
 
 
 def _int_or_auto(minimum: int, maximum: int | None = None) -> Any:
@@ -38,14 +40,15 @@ def _int_or_auto(minimum: int, maximum: int | None = None) -> Any:
 def _float_or_auto(value: Any) -> float | str:
     if value == "auto":
         return "auto"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError("must be 'auto' or a number > 0")
     return float(value)
 
 
 class _Strict(BaseModel):
     # extra="forbid" turns a typo such as `train.epohcs` into an error instead of a silent no-op.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `train.lr=.inf` or `data.mean=[.nan]` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _default_train_augment() -> list[dict[str, Any]]:
@@ -75,6 +78,9 @@ class DataConfig(_Strict):
     split_seed: int = 0
     workers: int = Field(2, ge=0)
     skip_bad_images: bool = False
+    # Images with more pixels are refused (JPEGs are decoded at a reduced scale first): bounded
+    # memory on hostile files. See vision_ft.data.decode.MAX_PIXELS.
+    max_pixels: int = Field(40_000_000, ge=1024)
     # How to counter class imbalance: weight the loss by inverse class frequency, or draw
     # batches with a class-balanced sampler; auto weights the loss when the smallest class has
     # under a third of the largest one's images (vision_ft/imbalance.py).
@@ -297,7 +303,7 @@ def _explain(error: ValidationError, origin: str) -> VisionFTError:
             f"{origin}: unknown config key '{key}'; {hint}allowed here: {', '.join(allowed)}{more}"
         )
     value = first.get("input")
-    return VisionFTError(f"{origin}: bad value {value!r} for '{key}': {first['msg']}{more}")
+    return VisionFTError(f"{origin}: bad value {short_repr(value)} for '{key}': {first['msg'][:200]}{more}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -309,7 +315,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise VisionFTError(f"override '{text}' has an empty key; use e.g. train.epochs=6")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"override '{short_repr(text)}'") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -325,12 +331,20 @@ def _set_nested(tree: dict[str, Any], parts: list[str], value: Any, text: str) -
     node[parts[-1]] = value
 
 
+MAX_RECIPE_BYTES = 1_000_000  # the default recipe is 2 KB
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML recipe as a dict, with one-line errors for missing or malformed files."""
     if not path.is_file():
         raise VisionFTError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise VisionFTError(f"config file {path} has {path.stat().st_size} bytes, too many for a recipe "
+                            f"(at most {MAX_RECIPE_BYTES}); pass the YAML recipe itself")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}") or {}
+    except UnicodeDecodeError:
+        raise VisionFTError(f"config file {path} is not UTF-8 text; pass a YAML recipe") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -392,8 +406,8 @@ def build_config(
     for name, value in flatten_settings(settings or {}).items():
         parts = [p for p in name.split(".") if p]
         if not parts:
-            raise VisionFTError(f"override '{name}={value!r}' has an empty key; use e.g. train.epochs=6")
-        _set_nested(tree, parts, value, f"{name}={value!r}")
+            raise VisionFTError(f"override '{name}={short_repr(value)}' has an empty key; use e.g. train.epochs=6")
+        _set_nested(tree, parts, value, f"{name}={short_repr(value)}")
     for name, value in flags.items():
         if value is not None:
             section, key = name.split("_", 1)

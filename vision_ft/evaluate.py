@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vision_ft.data.bad_images import unreadable_images
 from vision_ft.data.discover import Sample, discover
 from vision_ft.errors import VisionFTError
@@ -46,13 +48,20 @@ def evaluate_run(
             raise VisionFTError(f"{data} has no '{split}' split folder; drop --split to evaluate every image")
         samples = index.presplit[split]
     samples = _relabel(samples, index.class_names, loaded.class_names, Path(data))
-    bad = unreadable_images([s.path for s in samples], cfg.data.workers, skip_bad_images, str(data))
+    bad = unreadable_images([s.path for s in samples], cfg.data.workers, skip_bad_images, str(data),
+                            cfg.data.max_pixels)
     samples = [s for s in samples if s.path not in bad]
     loader = eval_loader(samples, cfg, loaded.mean, loaded.std, batch_size, workers)
     outputs = infer(loaded.model, loader, progress="eval")
     rule = load_decision_rule(run_dir, loaded.class_names)  # the run's temperature and thresholds
-    metrics = evaluate_probs(rule.probabilities(outputs.logits), outputs.labels, loaded.class_names,
-                             cfg.train.label_smoothing)
+    probs = rule.probabilities(outputs.logits)
+    broken = int((~np.isfinite(probs).all(axis=1)).sum())
+    if broken:
+        raise VisionFTError(
+            f"the {checkpoint} checkpoint of {run_dir} gives non-finite outputs (NaN or inf) for {broken} of "
+            f"{len(probs)} images; its weights are damaged: restore the run folder or train it again"
+        )
+    metrics = evaluate_probs(probs, outputs.labels, loaded.class_names, cfg.train.label_smoothing)
     predictions = SplitPredictions(outputs.logits, outputs.labels, [str(s.path) for s in samples])
     metrics.update(evaluate_test(rule, predictions, loaded.class_names, cfg.eval, seed=cfg.train.seed))
     metrics["data"] = str(data)

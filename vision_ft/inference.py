@@ -45,7 +45,7 @@ def eval_loader(samples: list[Sample], config: Config, mean: list[float], std: l
     """A loader over `samples` through the evaluation pipeline of `config`, in sample order."""
     data = config.data
     dataset = ImageDataset(samples, build_transforms([], mean, std, train=False), data.channels, data.image_size,
-                           skip_bad=skip_bad)
+                           skip_bad=skip_bad, max_pixels=data.max_pixels)
     return build_loader(dataset, batch_size or config.train.batch_size, train=False,
                         workers=data.workers if workers is None else workers)
 

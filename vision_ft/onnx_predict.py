@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vision_ft.predict import collect_images
+from vision_ft.predict import collect_images, readable_images
 from vision_ft.runtime import DEFAULT_BATCH_SIZE, OnnxClassifier, load_model
 
 
@@ -19,11 +19,13 @@ def is_onnx_model(source: Path) -> bool:
     return source.suffix.lower() == ".onnx" or source.is_file()
 
 
-def onnx_probabilities(model_path: Path, path: Path, batch_size: int | None = None) -> tuple[OnnxClassifier, list[Path], np.ndarray]:
-    """(the loaded model, images, probabilities N x classes) of the exported model `model_path` on
-    the image or folder of images `path`."""
+def onnx_probabilities(model_path: Path, path: Path, batch_size: int | None = None, skip_bad_images: bool = False
+                       ) -> tuple[OnnxClassifier, list[Path], np.ndarray, dict[Path, str]]:
+    """(the loaded model, images, probabilities of the readable ones N x classes, {skipped image:
+    reason}) of the exported model `model_path` on the image or folder of images `path`."""
     model = load_model(model_path)
     images = collect_images(path)
-    with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
-        probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
-    return model, images, probs
+    readable, skipped = readable_images(images, skip_bad_images)
+    with tqdm(total=len(readable), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
+        probs = model.predict_proba(readable, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
+    return model, images, probs, skipped

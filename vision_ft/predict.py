@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import IMAGE_SUFFIXES
 from vision_ft.decision import DecisionRule
 from vision_ft.errors import VisionFTError
-from vision_ft.runtime import mark_uncertain
+from vision_ft.runtime import ERROR, NON_FINITE
 
 
 def collect_images(path: Path) -> list[Path]:
@@ -28,26 +29,54 @@ def collect_images(path: Path) -> list[Path]:
 
 
 def prediction_header(top_k: int) -> list[str]:
-    """CSV columns shared by every predict path (run folder or ONNX model)."""
+    """CSV columns shared by every predict path (run folder or ONNX model). `error` is empty
+    unless the image got no answer (label `error`): unreadable and skipped, or non-finite outputs."""
     header = ["path", "label", "score"]
     for k in range(1, top_k + 1):
         header += [f"top{k}_label", f"top{k}_score"]
-    return header
+    return header + ["error"]
+
+
+def error_row(path: Path, reason: str, top_k: int) -> list[str]:
+    """The CSV row of an image without an answer: label `error`, no scores, the reason last."""
+    return [str(path), ERROR, "", *([""] * (2 * top_k)), reason]
 
 
 def prediction_rows(paths: list[Path], probs: np.ndarray, class_names: list[str], top_k: int,
-                    rule: DecisionRule | None = None, threshold: float | None = None) -> list[list[str]]:
+                    rule: DecisionRule | None = None, threshold: float | None = None,
+                    skipped: dict[Path, str] | None = None) -> list[list[str]]:
     """One CSV row per image: label by the decision rule (operating thresholds, `threshold` reject
-    band), score = top-1 probability, then the top-k labels and probabilities."""
-    labels = mark_uncertain(probs, class_names, threshold, rule)
+    band), score = top-1 probability, then the top-k labels and probabilities, then the error.
+    `probs` holds a row per path not in `skipped` ({path: reason}), which get error rows."""
+    skipped = skipped or {}
+    labels = iter((rule or DecisionRule()).labels(probs, class_names, reject_below=threshold)) if len(probs) else iter(())
+    answered = iter(probs)
     rows = []
-    for path, p, label in zip(paths, probs, labels):
+    for path in paths:
+        if path in skipped:
+            rows.append(error_row(path, f"skipped: {skipped[path]}", top_k))
+            continue
+        p, label = next(answered), next(labels)
+        if not np.all(np.isfinite(p)):
+            rows.append(error_row(path, NON_FINITE, top_k))  # NaN must never become a label
+            continue
         order = np.argsort(-p)[:top_k]
         row = [str(path), label, f"{p[order[0]]:.6f}"]
         for idx in order:
             row += [class_names[idx], f"{p[idx]:.6f}"]
-        rows.append(row)
+        rows.append(row + [""])
     return rows
+
+
+def readable_images(images: list[Path], skip_bad: bool, workers: int = 2) -> tuple[list[Path], dict[Path, str]]:
+    """(images to predict, {unreadable image: reason}); without `skip_bad` an unreadable image is an error."""
+    bad = dict(find_bad_images(images, workers=workers))
+    if bad and not skip_bad:
+        path, reason = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise VisionFTError(f"{path}: cannot decode image ({reason}){more}; remove it or pass --skip-bad-images "
+                            "to list it in the output as an error")
+    return [p for p in images if p not in bad], bad
 
 
 def write_predictions_csv(out: Path, header: list[str], rows: list[list[str]]) -> None:

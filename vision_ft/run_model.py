@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vision_ft.checkpoint import load_model_weights
+from vision_ft.checkpoint import load_model_weights, recover_checkpoints
 from vision_ft.config import Config, load_config
 from vision_ft.data.split import load_split
 from vision_ft.finetune.build import build_strategy
 from vision_ft.models.create import create_model, pretrained_normalisation
 from vision_ft.errors import VisionFTError
 from vision_ft.run_folder import RunFolder, open_run_folder
+from vision_ft.run_lock import tidy_if_idle
 
 
 @dataclass
@@ -60,6 +61,8 @@ def default_device() -> torch.device:
 def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = "cpu") -> LoadedRun:
     """The run's model with the weights of its `best` or `last` checkpoint, in eval mode on `device`."""
     run = open_run_folder(path)
+    # Leftovers of a crashed save are tidied here too, unless a training process owns the folder.
+    tidy_if_idle(run.root, lambda: recover_checkpoints(run.checkpoints))
     config = load_config(run.config)
     if config.task == "anomaly":
         raise VisionFTError(f"{path} is an anomaly run; this command works on classifier runs "

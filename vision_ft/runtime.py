@@ -28,17 +28,23 @@ from vision_ft.decision import UNCERTAIN, DecisionRule
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
 
+# The label of an image the model gave no usable answer for (non-finite outputs, an unreadable
+# file skipped on request); `Prediction.error` says why. Never one of the class names.
+ERROR = "error"
+NON_FINITE = "the model's output is not finite (NaN or inf): its weights are damaged or it overflowed on this image"
 DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result. `label` is `UNCERTAIN` when `score` fell below the threshold."""
+    """One image's result. `label` is `UNCERTAIN` when `score` fell below the threshold, `ERROR`
+    (with `error` saying why) when the model's outputs for the image are not finite numbers."""
 
     label: str
-    score: float  # probability of the most likely class
-    top_class: str  # the most likely class, also when the label is UNCERTAIN
+    score: float  # probability of the most likely class (NaN with ERROR)
+    top_class: str  # the most likely class, also when the label is UNCERTAIN ("" with ERROR)
     probabilities: np.ndarray  # one per class, in `OnnxClassifier.class_names` order
+    error: str | None = None
 
 
 def session_options(threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
@@ -87,10 +93,13 @@ def open_session(path: Path | str, threads: int | None = None, providers: Sequen
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, computed in float64 (stable for large logits)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    """Row-wise softmax, computed in float64 (stable for large logits); a row with a non-finite
+    logit comes out all NaN, so it can never look like a confident answer."""
+    values = logits.astype(np.float64)
+    finite = np.isfinite(values).all(axis=1, keepdims=True)
+    values = np.where(finite, values, 0.0)
+    exp = np.exp(values - values.max(axis=1, keepdims=True))
+    return np.where(finite, exp / exp.sum(axis=1, keepdims=True), np.nan)
 
 
 class OnnxClassifier:
@@ -125,6 +134,14 @@ class OnnxClassifier:
             raise VisionFTError(
                 f"{self.source}: input shape {shape} does not match its metadata (N x {expected}); export the model again"
             )
+        output_shape = next(o.shape for o in self.session.get_outputs() if o.name == meta.output_name)
+        classes = output_shape[-1] if output_shape else None
+        if isinstance(classes, int) and classes != len(meta.class_names):
+            # Checked here and not per call: a mismatch would label images with the wrong names.
+            raise VisionFTError(
+                f"{self.source}: the graph outputs {classes} scores but its metadata names {len(meta.class_names)} "
+                "classes; export the model again"
+            )
 
     @property
     def class_names(self) -> list[str]:
@@ -157,7 +174,13 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs (N x classes) for a preprocessed batch."""
         meta = self.metadata
-        return self.session.run([meta.output_name], {meta.input_name: batch})[0]
+        logits = self.session.run([meta.output_name], {meta.input_name: batch})[0]
+        if logits.ndim != 2 or logits.shape[1] != len(meta.class_names):
+            raise VisionFTError(
+                f"{self.source}: the graph returned scores of shape {logits.shape} for {len(meta.class_names)} "
+                "classes in its metadata; export the model again"
+            )
+        return logits
 
     def probabilities_and_maps(self, images: Sequence[ImageSource], batch_size: int = DEFAULT_BATCH_SIZE,
                                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -265,7 +288,10 @@ def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float 
                 rule: DecisionRule | None = None) -> list[Prediction]:
     """A Prediction per row of `probs`, labelled as `mark_uncertain` says. The ONNX runtime and a
     run folder's torch model (`vision_ft.load_run(...).predict`) share it."""
+    probs = np.asarray(probs)
     labels = mark_uncertain(probs, class_names, threshold, rule)
-    best = np.asarray(probs).argmax(axis=1)
-    return [Prediction(label, float(row[index]), class_names[index], row)
+    best = probs.argmax(axis=1)
+    return [Prediction(label, float(row[index]), class_names[index], row) if np.all(np.isfinite(row))
+            # NaN never becomes a label, nor passes a threshold
+            else Prediction(ERROR, float("nan"), "", row, NON_FINITE)
             for row, index, label in zip(probs, best, labels)]

@@ -27,14 +27,14 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vision_ft import distributed
 from vision_ft.callbacks import TrainingCallback, group_learning_rates
-from vision_ft.checkpoint import load_model_weights, load_optimizer_state, load_state, save_checkpoint
+from vision_ft.checkpoint import (append_metrics_line, load_model_weights, load_optimizer_state, reconcile_metrics_log,
+                                  recover_checkpoints, save_checkpoints, verify_resume_point)
 from vision_ft.auto_config import auto_patience, resolve_auto
 from vision_ft.budget import BudgetPlanner, parse_duration
 from vision_ft.config import Config, save_config, validate_config
@@ -42,7 +42,7 @@ from vision_ft.data.bad_images import unreadable_images
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample, discover
 from vision_ft.data.groups import assign_groups, class_proportions
-from vision_ft.data.loaders import build_loader, class_counts
+from vision_ft.data.loaders import build_loader, class_counts, seed_training_epoch, stop_all_workers
 from vision_ft.data.split import load_split, load_split_groups, make_splits, save_split
 from vision_ft.data.transforms import build_transforms, validate_augment_spec
 from vision_ft.ema import WeightAverage
@@ -57,6 +57,7 @@ from vision_ft.experiment_log import open_experiment_logs
 from vision_ft.imbalance import val_test_disagreements
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
+from vision_ft.interrupts import sigterm_as_interrupt
 from vision_ft.inference import eval_loader, evaluate_outputs, infer
 from vision_ft.metrics import format_summary
 from vision_ft.models.create import check_model_name
@@ -64,6 +65,7 @@ from vision_ft.models.input_size import check_input_size
 from vision_ft.plots import plot_confusion_matrix, plot_training_curves
 from vision_ft.report import write_report
 from vision_ft.run_folder import RunFolder, create_run_folder, open_run_folder
+from vision_ft.run_lock import RunLock
 from vision_ft.run_model import build_model, normalisation
 from vision_ft.schedule import apply_learning_rates
 from vision_ft.training_state import TrainingState, is_better
@@ -131,7 +133,8 @@ def _check_data_and_split(config: Config) -> tuple[list[str], dict[str, list[Sam
         log.info("grouped by %s: %d groups; class proportions %s", config.data.group_by, len(set(index.groups.values())),
                  class_proportions(splits, index.class_names))
     every_path = [s.path for part in splits.values() for s in part]
-    bad = unreadable_images(every_path, config.data.workers, config.data.skip_bad_images, config.data.path)
+    bad = unreadable_images(every_path, config.data.workers, config.data.skip_bad_images, config.data.path,
+                            config.data.max_pixels)
     if bad:
         splits = {name: [s for s in part if s.path not in bad] for name, part in splits.items()}
     return index.class_names, splits, index
@@ -255,16 +258,14 @@ def build_optimizer(param_groups: list[dict[str, Any]], lr: float, weight_decay:
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def _save_checkpoint(folder: Path, loop: TrainingLoop, state: TrainingState, with_optimizer: bool = False,
-                     weights: nn.Module | None = None) -> None:
-    """A checkpoint of `weights` (default: the trained model) plus the strategy's extra files
-    (LoRA: adapter.safetensors), written first so that state.json, written last, marks a complete
-    folder."""
-    model = weights if weights is not None else loop.model
-    folder.mkdir(parents=True, exist_ok=True)
-    for filename, tensors in loop.strategy.extra_checkpoint_files(model).items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / filename))
-    save_checkpoint(folder, model, state.to_dict(), loop.optimizer if with_optimizer else None)
+def _save_checkpoints(loop: TrainingLoop, state: TrainingState, improved: bool, best: nn.Module) -> None:
+    """`last/` (weights, optimizer, state) and, when `improved`, `best/` (the `best` weights) as one
+    atomic unit, with the strategy's extra files (LoRA: adapter.safetensors). Returns once it is on
+    disk: only then is the epoch logged as done."""
+    strategy = loop.strategy
+    save_checkpoints(loop.run.checkpoints, loop.model, state.to_dict(), loop.optimizer, improved,
+                     strategy.extra_checkpoint_files(loop.model), best_model=best,
+                     best_extra_files=strategy.extra_checkpoint_files(best))
 
 
 def train(
@@ -292,14 +293,18 @@ def train(
             config.data.image_size = backbone_geometry(config.model.name)[0]
         return train_anomaly(config, Path(out), force=force)
     context = distributed.setup()
+    lock = RunLock(out)  # rank 0 holds it for the whole run: one process per run folder
     try:
-        return _train(config, Path(out), force, resume, context, list(callbacks))
+        with sigterm_as_interrupt():
+            return _train(config, Path(out), force, resume, context, lock, list(callbacks))
     finally:
+        stop_all_workers()  # now, not whenever the loaders are garbage-collected
+        lock.release()
         distributed.teardown(context)
 
 
-def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context
-                 ) -> tuple[RunFolder, list[str], dict[str, list[Sample]], Config, list[str]]:
+def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
+                 lock: RunLock) -> tuple[RunFolder, list[str], dict[str, list[Sample]], Config, list[str]]:
     """Check inputs, resolve the `auto` settings and lay out the run folder on rank 0; every rank
     then reads the same split and resolved config."""
     error: str | None = None
@@ -308,6 +313,9 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
         try:
             if resume:
                 run = open_run_folder(out)
+                lock.acquire()
+                for line in recover_checkpoints(run.checkpoints):
+                    log.warning("%s: %s", out, line)
                 if not (run.last / "state.json").is_file():
                     raise VisionFTError(f"run folder {out} has no last checkpoint to resume; start it again with --force")
             else:
@@ -318,7 +326,7 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
                 check_input_size(config.model.name, len(class_names), config.data.channels, config.data.image_size)
                 check_eval_config(config.eval, class_names)  # eval.positive_class etc. name real classes
                 check_strategy(config, len(class_names))  # e.g. freeze_groups beyond the model's groups
-                run = create_run_folder(out, force=force)
+                run = create_run_folder(out, force=force, lock=lock)
                 save_config(config, run.config)
                 save_split(run.split, splits, index, config.data.split_seed)
         except VisionFTError as exc:
@@ -333,20 +341,24 @@ def _prepare_run(config: Config, out: Path, force: bool, resume: bool, context: 
 
 
 def _train(config: Config, out: Path, force: bool, resume: bool, context: distributed.Context,
-           callbacks: list[TrainingCallback]) -> TrainResult:
+           lock: RunLock, callbacks: list[TrainingCallback]) -> TrainResult:
     started = time.monotonic()  # a time budget counts from here: data checks included
     _setup_logging(context, None)
-    run, class_names, splits, config, notes = _prepare_run(config, out, force, resume, context)
+    run, class_names, splits, config, notes = _prepare_run(config, out, force, resume, context, lock)
     try:
         callbacks = [*open_experiment_logs(run, config, context.is_main), *callbacks]
         return _run_training(config, run, class_names, splits, resume, context, callbacks, notes, started)
-    except VisionFTError:
-        # A new run that failed before its first checkpoint (weights that do not fit, no network
-        # for hub weights, ...) leaves nothing worth keeping; removing it lets the corrected
-        # command run without --force. A resumed or checkpointed run is kept for --resume.
+    except (VisionFTError, KeyboardInterrupt) as exc:
+        # A new run that failed or was stopped before its first checkpoint (weights that do not
+        # fit, a diverging loss, Ctrl-C in epoch 1) leaves nothing worth keeping; removing it lets
+        # the corrected command run without --force. A resumed or checkpointed run is kept.
         if not resume and context.is_main and not (run.last / "state.json").is_file():
             _setup_logging(context, None)  # closes train.log before its folder goes
             shutil.rmtree(run.root, ignore_errors=True)
+            raise
+        if context.is_main and not resume and isinstance(exc, VisionFTError):  # how to get past the kept folder
+            raise type(exc)(f"{exc}; {run.root} keeps the epochs done: continue with --resume or start "
+                            "over with --force") from None
         raise
     finally:
         for callback in callbacks:
@@ -367,6 +379,10 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
     loop = build_loop(config, run, class_names, splits, resume, context)
     loop.callbacks, loop.notes = callbacks, notes
     state = restore_state(loop) if resume else TrainingState()
+    if resume and _finished(loop, state):
+        # Killed after its last checkpoint, before the final evaluation: finish just that.
+        log.info("run ended after epoch %d without its final evaluation; evaluating now", state.epoch)
+        return _finish(loop, state, state.stopped_early)
     loop.rewrap()
     _add_average_and_budget(loop, state, resume, run_started)
     stopped_early = False
@@ -380,15 +396,33 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             log.info("early stopping: val %s did not improve for %d epochs", config.train.early_stopping.metric,
                      config.train.early_stopping.patience)
             break
+    return _finish(loop, state, stopped_early)
+
+
+def _finish(loop: TrainingLoop, state: TrainingState, stopped_early: bool) -> TrainResult:
+    """Rank 0 evaluates, exports and reports; every rank returns the result."""
     metrics: dict[str, Any] = {}
-    if context.is_main:
+    if loop.context.is_main:
         metrics = final_evaluation(loop, state)
         if loop.budget is not None:
             log.info("time budget %.0f s: the run took %.0f s", loop.budget.budget_s, loop.budget.elapsed())
-        for callback in callbacks:
+        for callback in loop.callbacks:
             callback.on_train_end(metrics)
-    distributed.barrier(context)
-    return TrainResult(run.root, metrics, state.best_epoch, state.epoch, stopped_early)
+    distributed.barrier(loop.context)
+    return TrainResult(loop.run.root, metrics, state.best_epoch, state.epoch, stopped_early)
+
+
+def _finished(loop: TrainingLoop, state: TrainingState) -> bool:
+    """True for a run whose epochs are all done but whose final evaluation never ran; raises
+    for a run that is completely finished."""
+    if state.epoch < loop.config.train.epochs and not state.stopped_early:
+        return False
+    if not loop.run.metrics.is_file():
+        return True
+    raise VisionFTError(
+        f"run {loop.run.root} already finished at epoch {state.epoch}; to train longer pass "
+        f"--set train.epochs=N with N > {state.epoch} together with --resume"
+    )
 
 
 # ---------------------------------------------------------------- building the loop
@@ -415,7 +449,7 @@ def _build_loaders(config: Config, splits: dict[str, list[Sample]], mean: list[f
     """The training loader (augmented, shuffled, sharded under DDP) and the val/test loaders."""
     data = config.data
     train_set = ImageDataset(splits["train"], build_transforms(data.augment.train, mean, std, train=True),
-                             data.channels, data.image_size, skip_bad=data.skip_bad_images)
+                             data.channels, data.image_size, skip_bad=data.skip_bad_images, max_pixels=data.max_pixels)
     train_loader = build_loader(train_set, config.train.batch_size, train=True, workers=data.workers,
                                 balanced=data.balance == "sampler", distributed=context.distributed,
                                 seed=config.train.seed)
@@ -464,19 +498,18 @@ def build_loop(config: Config, run: RunFolder, class_names: list[str], splits: d
 def restore_state(loop: TrainingLoop) -> TrainingState:
     """Continue from the run's last checkpoint: weights, strategy, optimizer groups and their state."""
     config, run = loop.config, loop.run
-    saved = load_state(run.last)
+    saved = verify_resume_point(run.checkpoints)  # weights, optimizer and state of one epoch, files intact
+    if loop.context.is_main:
+        repaired = reconcile_metrics_log(run.metrics_log, saved)  # ... and the log ends at that epoch
+        if repaired:
+            log.warning("repaired after a crash: %s", repaired)
     state = TrainingState.from_dict(saved)
-    load_model_weights(run.last, loop.model)
+    load_model_weights(run.last, loop.model, verify=False)
     loop.strategy.load_state_dict(state.strategy)
     loop.strategy.set_trainable(loop.model, epoch=max(state.epoch, 1))  # what trained in the saved epoch
     # Rebuild the optimizer groups the strategy had at the checkpoint, then restore their state.
     loop.optimizer = _strategy_optimizer(config, loop.model, loop.strategy, loop.context.device)
     load_optimizer_state(run.last, loop.optimizer, saved)
-    if state.epoch >= config.train.epochs or state.stopped_early:
-        raise VisionFTError(
-            f"run {run.root} already finished at epoch {state.epoch}; to train longer pass "
-            f"--set train.epochs=N with N > {state.epoch} together with --resume"
-        )
     log.info("resuming after epoch %d (best val %s %.4f at epoch %d)", state.epoch,
              config.train.early_stopping.metric, state.best_score or float("nan"), state.best_epoch)
     return state
@@ -568,6 +601,7 @@ def _time_epoch(loop: TrainingLoop, epoch: int, started: float) -> None:
 def run_epoch(loop: TrainingLoop, state: TrainingState, epoch: int) -> bool:
     """Train `epoch`, then (rank 0) validate, log and checkpoint it; True when training should stop."""
     started = time.time()
+    seed_training_epoch(loop.config.train.seed, loop.context.rank, epoch)  # dropout draws do not depend on a resume
     if loop.strategy.on_epoch_start(epoch, loop.model, loop.optimizer, state.step, loop.config.train.lr,
                                     loop.config.train.weight_decay):
         loop.rewrap()
@@ -614,15 +648,15 @@ def end_epoch(loop: TrainingLoop, state: TrainingState, epoch: int, train_loss: 
         row["weights"] = "average" if chosen is not loop.model else "trained"
     row["seconds"] = round(time.time() - started, 1)
     state.history.append(row)
-    with loop.run.metrics_log.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
     stopping = config.train.early_stopping
     improved = state.record_epoch(epoch, score, stopping.metric, stopping.patience, config.train.epochs)
     state.strategy = loop.strategy.state_dict()
     if improved:
         state.extra["best_weights"] = row.get("weights", "trained")
-        _save_checkpoint(loop.run.best, loop, state, weights=chosen)
-    _save_checkpoint(loop.run.last, loop, state, with_optimizer=True)
+    # The checkpoint is on disk before the epoch is logged: a crash in between loses at most a
+    # log line, which --resume restores from the checkpoint's history.
+    _save_checkpoints(loop, state, improved, best=chosen)
+    append_metrics_line(loop.run.metrics_log, row)
     best_note = ("  *best*" + (" (weight average)" if chosen is not loop.model else "")) if improved else ""
     log.info("epoch %d/%d  train_loss %.4f  %s  (%.0fs)%s", epoch, config.train.epochs, train_loss,
              format_summary({k[4:]: v for k, v in fields.items()}), row["seconds"], best_note)

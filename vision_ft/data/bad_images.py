@@ -5,20 +5,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from vision_ft.data.decode import find_bad_images
+from vision_ft.data.decode import MAX_PIXELS, find_bad_images
 from vision_ft.errors import VisionFTError
 
 log = logging.getLogger("vision_ft")
 
 
-def unreadable_images(paths: list[Path], workers: int, skip_bad: bool, where: str) -> set[Path]:
+def unreadable_images(paths: list[Path], workers: int, skip_bad: bool, where: str,
+                      max_pixels: int = MAX_PIXELS) -> set[Path]:
     """The paths under `where` that fail a full decode.
 
     Raises:
         VisionFTError: some image is unreadable and `skip_bad` is False; the message names the
         first three and the fix. With `skip_bad` they are only logged as a warning.
     """
-    bad = find_bad_images(paths, workers=max(1, workers))
+    bad = find_bad_images(paths, workers=max(1, workers), max_pixels=max_pixels)
     if not bad:
         return set()
     listed = ", ".join(f"{p} ({why})" for p, why in bad[:3])

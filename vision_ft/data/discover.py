@@ -91,11 +91,22 @@ def discover(source: Path | str, every_class_trains: bool = True) -> DatasetInde
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored(p.name))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored(p.name) and not _is_run_folder(p))
+
+
+# Written by `vision-ft train` into every run folder (vision_ft.run_folder.MARKER): a run folder
+# inside the data folder (`--out data/run1`) holds plots, never a class's images.
+_RUN_MARKER = ".vision-ft-run"
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / _RUN_MARKER).is_file()
 
 
 def _walk_files(folder: Path) -> list[Path]:
-    """Every non-hidden file below `folder`, sorted, following symlinked folders once."""
+    """Every non-hidden file below `folder`, sorted, following symlinked folders once and
+    skipping run folders. Files reached twice (links) are resolved over the whole dataset by
+    `_drop_duplicates`."""
     found: list[Path] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -104,9 +115,38 @@ def _walk_files(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d) and not _is_run_folder(Path(dirpath) / d))
         found.extend(Path(dirpath) / name for name in filenames if not _ignored(name))
     return sorted(found)
+
+
+def _drop_duplicates(groups: dict[tuple[str, str], list[Path]]) -> tuple[dict[tuple[str, str], list[Path]], list[tuple[Path, str]]]:
+    """Resolve every path to its real file once over the whole dataset; `groups` is keyed by
+    (split, class). A file reached twice within one class (a symlink, a folder linked twice) is
+    kept once; a file under two classes or two splits is an error, since it would be trained
+    with a wrong label or tested on what was trained."""
+    owner: dict[str, tuple[tuple[str, str], Path]] = {}
+    kept: dict[tuple[str, str], list[Path]] = {}
+    skipped: list[tuple[Path, str]] = []
+    for group, paths in groups.items():
+        kept[group] = []
+        for path in paths:
+            real = os.path.realpath(path)
+            if real not in owner:
+                owner[real] = (group, path)
+                kept[group].append(path)
+                continue
+            first_group, first = owner[real]
+            if first_group == group:
+                skipped.append((path, f"same file as {first}"))
+                continue
+            what = "classes" if first_group[0] == group[0] else "splits"
+            raise VisionFTError(
+                f"{path} and {first} are the same file ({real}) in two {what} ({'/'.join(filter(None, first_group))} "
+                f"and {'/'.join(filter(None, group))}); a symbolic link or a copy by link puts it under both: "
+                "keep it in one place"
+            )
+    return kept, skipped
 
 
 def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
@@ -121,6 +161,9 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[tuple[P
             skipped.append((entry, reason))
             continue
         if not entry.is_dir():
+            continue
+        if _is_run_folder(entry):
+            skipped.append((entry, "a vision-ft run folder, not a class"))
             continue
         files = _walk_files(entry)
         images[entry.name] = [f for f in files if is_image_file(f)]
@@ -153,6 +196,9 @@ def _check_class_count(where: Path, class_names: list[str]) -> None:
 
 def _discover_image_folder(root: Path, every_class_trains: bool = True) -> DatasetIndex:
     images, skipped = _scan_class_folders(root)
+    unique, duplicates = _drop_duplicates({("", name): paths for name, paths in images.items()})
+    images = {name: unique[("", name)] for name in images}
+    skipped.extend(duplicates)
     _check_class_folders(root, images, skipped)
     class_names = sorted(images)
     if every_class_trains:
@@ -174,6 +220,10 @@ def _discover_presplit(root: Path, split_folders: list[Path], every_class_trains
         _check_class_folders(root / split, images, split_skipped)
         per_split[split] = images
         skipped.extend(split_skipped)
+    unique, duplicates = _drop_duplicates(
+        {(split, name): paths for split, images in per_split.items() for name, paths in images.items()})
+    per_split = {split: {name: unique[(split, name)] for name in images} for split, images in per_split.items()}
+    skipped.extend(duplicates)
     # Root-level files next to the split folders are not part of any split.
     skipped.extend((f, "not inside a split folder") for f in sorted(root.iterdir()) if f.is_file() and not _ignored(f.name))
 
@@ -265,11 +315,13 @@ def _discover_csv(csv_path: Path, every_class_trains: bool = True) -> DatasetInd
                     f"{csv_path} line {line}: split {split!r} is not one of train, val, test; fix the split column"
                 )
         path = Path(os.path.normpath(root / raw_path))
-        if path in seen:
+        real = Path(os.path.realpath(path))  # two spellings or a link of one file are one image
+        if real in seen:
             raise VisionFTError(
-                f"{csv_path} line {line}: {raw_path} is already listed on line {seen[path]}; list each image once"
+                f"{csv_path} line {line}: {raw_path} is already listed on line {seen[real]} (the same file); "
+                "list each image once"
             )
-        seen[path] = line
+        seen[real] = line
         if not is_image_file(path):
             skipped.append((path, f"not an image ({path.suffix or 'no extension'}), {csv_path.name} line {line}"))
             continue

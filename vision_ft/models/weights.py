@@ -8,6 +8,7 @@ plain containers.
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,13 +62,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns before refusing some files (TorchScript archives); the refusal
+                # becomes our one-line error below, the warning would only repeat it noisily.
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise VisionFTError(
             f"weights file {path} holds pickled Python objects, not only tensors; vision-ft does not unpickle "
             "untrusted code: re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or .safetensors"
         ) from None
     except Exception as exc:  # corrupt zip, truncated file, wrong format
+        if "TorchScript" in str(exc):
+            raise VisionFTError(
+                f"weights file {path} is a TorchScript archive (torch.jit.save), which holds code, not a state_dict; "
+                "save the weights with torch.save(model.state_dict(), FILE) or as .safetensors"
+            ) from None
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise VisionFTError(f"weights file {path} cannot be read ({reason}); is it a complete state_dict file?") from None
     for key in _NESTED_KEYS:
