@@ -31,6 +31,7 @@ from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import PREFIX
 from vision_ft.quantize import check_model_belongs_to_run
 from vision_ft.run_folder import create_run_folder
+from vision_ft.predict import prediction_rows
 from vision_ft.runtime import ERROR, UNCERTAIN, load_model, mark_uncertain
 
 
@@ -81,8 +82,10 @@ def test_nan_outputs_never_become_a_label(tmp_path, threshold):
 
 
 def test_threshold_treats_nan_as_below():
-    rows = [["a.png", "ok", "nan", "ok", "nan"], ["b.png", "dent", "0.900000", "dent", "0.900000"]]
-    assert [r[1] for r in mark_uncertain(rows, 0.5)] == [UNCERTAIN, "dent"]
+    probs = np.array([[np.nan, np.nan], [0.1, 0.9]], dtype=np.float32)
+    assert mark_uncertain(probs, ["ok", "dent"], 0.5) == [UNCERTAIN, "dent"]
+    rows = prediction_rows([Path("a.png"), Path("b.png")], probs, ["ok", "dent"], top_k=2, threshold=0.5)
+    assert [r[1] for r in rows] == [ERROR, "dent"]  # and a CSV row never labels NaN
 
 
 def test_non_finite_settings_are_refused_before_any_folder_exists(tmp_path, capsys):

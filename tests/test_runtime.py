@@ -251,5 +251,5 @@ def test_mark_uncertain_labels_rows_of_probabilities_and_the_csv_keeps_the_ranki
     assert mark_uncertain(probs, names, 0.5) == [UNCERTAIN, "dent"]
     assert mark_uncertain(probs, names, None) == ["ok", "dent"]
     rows = prediction_rows([Path("a.png"), Path("b.png")], probs, names, top_k=2, threshold=0.5)
-    assert rows == [["a.png", UNCERTAIN, "0.400000", "ok", "0.400000", "dent", "0.350000"],
-                    ["b.png", "dent", "0.900000", "dent", "0.900000", "ok", "0.050000"]]
+    assert rows == [["a.png", UNCERTAIN, "0.400000", "ok", "0.400000", "dent", "0.350000", ""],
+                    ["b.png", "dent", "0.900000", "dent", "0.900000", "ok", "0.050000", ""]]
