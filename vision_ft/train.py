@@ -539,6 +539,8 @@ def _budget_planner(loop: TrainingLoop, resume: bool, run_started: float) -> Bud
     patience_auto = config.train.early_stopping.patience == "auto"
     if patience_auto:  # provisional until the budget's plan says how many epochs there are
         config.train.early_stopping.patience = auto_patience(config.train.epochs)
+        if loop.context.is_main:
+            save_config(config, loop.run.config)  # the run folder states the patience it trains with
     if not config.train.time_budget:
         return None
     if resume:

@@ -46,10 +46,12 @@ class TrainingState:
         """Count `epoch` with its validation `score`; True when it is the best so far.
 
         Lower is better for the 'loss' metric, higher for the others; a missing or NaN score
-        never improves. Sets `stopped_early` once `patience` epochs passed without improvement
-        before `last_epoch`.
+        never improves, except in the first epoch, which is always the best so far. Sets
+        `stopped_early` once `patience` epochs passed without improvement before `last_epoch`.
         """
-        improved = is_better(score, self.best_score, metric)
+        # The first epoch is the best so far even when its score is undefined (e.g. AUROC on a
+        # validation split of one class): the run always has a best checkpoint to evaluate.
+        improved = is_better(score, self.best_score, metric) or self.best_epoch == 0
         if improved:
             self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
         else:
@@ -67,6 +69,6 @@ def is_better(score: float | None, best: float | None, metric: str) -> bool:
     """Whether `score` beats `best` for `metric` (lower loss, higher anything else)."""
     if score is None or (isinstance(score, float) and math.isnan(score)):
         return False
-    if best is None:
+    if best is None or (isinstance(best, float) and math.isnan(best)):
         return True
     return score < best if metric == "loss" else score > best

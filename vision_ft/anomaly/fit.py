@@ -175,7 +175,7 @@ def _fit_and_evaluate(config: Config, run: RunFolder, data: AnomalyData) -> dict
     scorer.threshold.fill_(choice.threshold)
     scorer.scale.fill_(choice.scale)
     log.info("threshold: %s", choice.reason)
-    state = {"task": "anomaly", "fit": info, "threshold": {"raw": choice.threshold, "scale": choice.scale,
+    state = {"epoch": 0, "task": "anomaly", "fit": info, "threshold": {"raw": choice.threshold, "scale": choice.scale,
                                                           "rule": choice.rule, "reason": choice.reason}}
     save_checkpoint(run.best, scorer, state)
     metrics = _evaluate_splits(config, run, data, scorer, loaders, device)
