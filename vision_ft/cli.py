@@ -34,6 +34,14 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a config key, e.g. --set train.epochs=6 (repeatable)."),
 ]
+# The options every command that builds a config shares (train, cv, lr-find, tune).
+DataOption = Annotated[Optional[Path], typer.Option(
+    "--data", help="Folder of class folders, pre-split folder, or CSV manifest.")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")]
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="Any timm model name, e.g. resnet50, tf_efficientnet_lite0.")]
+WeightsOption = Annotated[Optional[str], typer.Option(
+    "--weights", help="'hub' (default), 'none', or a .safetensors/.pth/.bin file.")]
 
 
 def set_options(texts: list[str] | None) -> dict[str, object]:
@@ -62,10 +70,10 @@ def _echo_metrics(title: str, metrics: dict) -> None:
 
 @app.command()
 def train(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name, e.g. resnet50, tf_efficientnet_lite0.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a .safetensors/.pth/.bin file.")] = None,
+    data: DataOption = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<data>-<model>-<n>).")] = None,
     overrides: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
@@ -105,9 +113,9 @@ def cv(
     repeats: Annotated[int, typer.Option("--repeats", help="Repeat the fold assignment with other shuffles.")] = 1,
     seeds: Annotated[Optional[str], typer.Option("--seeds", help="Repeat whole runs with these training seeds, e.g. 0,1,2.")] = None,
     out: Annotated[Path, typer.Option("--out", help="CV folder (resumed when it exists).")] = Path("CV"),
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub', 'none', or a weights file.")] = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     overrides: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Start the CV folder again instead of resuming it.")] = False,
 ) -> None:
@@ -129,10 +137,10 @@ def cv(
 
 @app.command(name="lr-find")
 def lr_find(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a weights file.")] = None,
+    data: DataOption = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     overrides: SetOption = None,
     out: Annotated[Path, typer.Option("--out", help="Where to write the plot.")] = Path("lr_find.png"),
     steps: Annotated[int, typer.Option("--steps", min=5, help="Optimizer steps of the range test.")] = 100,
@@ -151,10 +159,10 @@ def lr_find(
 
 @app.command(name="tune")
 def tune_command(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
+    data: DataOption = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe with a tune: section (tune.space).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a weights file.")] = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Tune folder; the same folder again continues the search.")] = None,
     overrides: SetOption = None,
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Total trials in the search (earlier ones count).")] = None,
