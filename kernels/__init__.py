@@ -15,6 +15,6 @@
 The plain reference composition the paths are tested against lives with the tests.
 """
 
-from .dispatch import lora_conv2d, requested_lora_backend, resolve_lora_backend, set_lora_backend
+from .dispatch import lora_conv2d, requested_lora_backend, resolve_lora_backend
 
-__all__ = ["lora_conv2d", "set_lora_backend", "resolve_lora_backend", "requested_lora_backend"]
+__all__ = ["lora_conv2d", "resolve_lora_backend", "requested_lora_backend"]

@@ -1,7 +1,7 @@
 """`lora_conv2d`: one entry point for the LoRA convolution, routed to Triton or torch.
 
-Backend choice, first match wins: the `backend` argument, then `set_lora_backend()`, then the
-environment variable VISION_FT_LORA_BACKEND; each is 'auto' (the default), 'torch' or 'triton'.
+Backend choice: the `backend` argument (each LoRA module's own setting), else the one default,
+the environment variable VISION_FT_LORA_BACKEND, else 'auto'; each is 'auto', 'torch' or 'triton'.
 
 * 'torch' always takes the torch path (`torch_lora_conv.py`).
 * 'auto' takes the Triton kernel for CUDA tensors when `triton_supports` accepts the call,
@@ -23,12 +23,11 @@ from torch import Tensor
 from .conv_shape import pair
 from .torch_lora_conv import torch_lora_conv2d
 
-__all__ = ["lora_conv2d", "set_lora_backend", "resolve_lora_backend", "requested_lora_backend", "ENV_VAR", "BACKENDS"]
+__all__ = ["lora_conv2d", "resolve_lora_backend", "requested_lora_backend", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "VISION_FT_LORA_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
 
-_backend_override: str | None = None
 _triton_module: ModuleType | None = None
 _triton_import_error: str | None = None
 
@@ -40,18 +39,10 @@ def _checked(value: str, source: str) -> str:
     return name
 
 
-def set_lora_backend(backend: str | None) -> None:
-    """Set the process-wide LoRA backend ('auto', 'torch', 'triton'); None defers to the env var."""
-    global _backend_override
-    _backend_override = None if backend is None else _checked(backend, "set_lora_backend()")
-
-
 def requested_lora_backend(backend: str | None = None) -> str:
-    """The backend asked for: `backend`, else `set_lora_backend()`, else $VISION_FT_LORA_BACKEND, else 'auto'."""
+    """The backend asked for: `backend`, else $VISION_FT_LORA_BACKEND, else 'auto'."""
     if backend is not None:
         return _checked(backend, "the backend argument")
-    if _backend_override is not None:
-        return _backend_override
     return _checked(os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}")
 
 
@@ -141,7 +132,7 @@ def lora_conv2d(
         scaling: alpha / r (or alpha / sqrt(r) for rsLoRA).
         stride, padding, dilation: (h, w) int pairs; padding symmetric.
         groups: conv groups; for groups == 1 the delta is the usual down/up projection.
-        backend: 'auto', 'torch', 'triton' or None (use the process-wide setting).
+        backend: 'auto', 'torch', 'triton' or None (the default: $VISION_FT_LORA_BACKEND, else 'auto').
 
     Under autocast the inputs are cast to the autocast dtype first, as F.conv2d would be.
     """

@@ -3,17 +3,14 @@
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.real_data import copy_neu_subset, needs_neu
+from tests.real_data import RUN_CLASSES as CLASSES, RUN_PER_CLASS as PER_CLASS, needs_neu
 from tests.interrupt import interrupt_at_epoch
 from vision_ft.cli import main
 
-CLASSES = ("crazing", "inclusion", "scratches")
-PER_CLASS = 16
 FAST = ["--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=16",
         "--set", "train.warmup_epochs=0", "--weights", "none", "--model", "resnet18"]
 
@@ -21,18 +18,6 @@ pytestmark = [
     pytest.mark.slow,
     needs_neu,
 ]
-
-
-@pytest.fixture(scope="module")
-def neu_subset(tmp_path_factory) -> Path:
-    return copy_neu_subset(tmp_path_factory.mktemp("neu"), CLASSES, PER_CLASS)
-
-
-@pytest.fixture(scope="module")
-def trained_run(neu_subset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "neu"
-    assert main(["train", "--data", str(neu_subset), "--out", str(out), "--set", "train.epochs=2", *FAST]) == 0
-    return out
 
 
 def test_train_leaves_a_complete_run_folder(trained_run, capsys):
@@ -79,7 +64,7 @@ def test_predict_writes_csv_with_labels_and_top_k(trained_run, neu_subset, tmp_p
     assert main(["predict", str(trained_run), str(neu_subset / "scratches"), "--out", str(out), "--top-k", "2"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == PER_CLASS
-    assert list(rows[0]) == ["path", "label", "score", "top1_label", "top1_score", "top2_label", "top2_score"]
+    assert list(rows[0]) == ["path", "label", "score", "top1_label", "top1_score", "top2_label", "top2_score", "error"]
     for row in rows:
         assert row["label"] in CLASSES and row["label"] == row["top1_label"]
         assert float(row["top1_score"]) >= float(row["top2_score"])

@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -13,15 +10,11 @@ from tests.real_data import copy_neu_subset, needs_neu
 pytestmark = [pytest.mark.slow, needs_neu]
 
 
-def test_two_process_ddp_run(tmp_path):
+def test_two_process_ddp_run(tmp_path, torchrun):
     data = copy_neu_subset(tmp_path / "data", ("crazing", "inclusion"), 20)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vision_ft.cli", "train",
-           "--data", str(data), "--out", str(out), "--weights", "none", "--set", "data.image_size=64",
-           "--set", "data.workers=0", "--set", "train.epochs=2", "--set", "train.batch_size=8"]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun("train", "--data", str(data), "--out", str(out), "--weights", "none", "--set", "data.image_size=64",
+                    "--set", "data.workers=0", "--set", "train.epochs=2", "--set", "train.batch_size=8")
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"accuracy", "macro_f1", "auroc"} <= metrics["test"].keys()

@@ -16,18 +16,13 @@ import pytest
 import timm
 import torch
 
-from tests.real_data import copy_neu_subset
+from tests.real_data import RUN_CLASSES as CLASSES, RUN_PER_CLASS as PER_CLASS
 from vision_ft.cli import main
 from vision_ft.data.split import load_split
 from vision_ft.export import OPSET, TOLERANCE, attach_metadata, merge_adapters, partial_path, save_checked, to_onnx, torch_logits
 from vision_ft.onnx_metadata import ModelMetadata, read_metadata
 from vision_ft.run_model import load_run
 from vision_ft.runtime import UNCERTAIN, load_model, open_session
-
-CLASSES = ("crazing", "inclusion", "scratches")
-PER_CLASS = 12
-FAST = ["--set", "export.onnx=false", "--set", "data.image_size=64", "--set", "data.workers=0", "--set", "train.batch_size=12",
-        "--set", "train.warmup_epochs=0", "--set", "train.epochs=1", "--weights", "none", "--model", "resnet18"]
 
 pytestmark = pytest.mark.slow
 
@@ -45,27 +40,34 @@ def _allowed(expected: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def neu_subset(tmp_path_factory) -> Path:
-    return copy_neu_subset(tmp_path_factory.mktemp("neu"), CLASSES, PER_CLASS)
+def exported_run(trained_run, tmp_path_factory) -> Path:
+    """A copy of the shared trained run without the ONNX model training wrote, for `export` to write."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("*.onnx"))
+    return run
 
 
 @pytest.fixture(scope="module")
-def trained_run(neu_subset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "neu"
-    assert main(["train", "--data", str(neu_subset), "--out", str(out), *FAST]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def export_output(trained_run) -> str:
+def export_output(exported_run) -> str:
     """`vision-ft export RUN --int8`: RUN/model.onnx and RUN/model.int8.onnx."""
-    code, text = _run_cli(["export", str(trained_run), "--int8", "--calibration-images", "12"])
+    code, text = _run_cli(["export", str(exported_run), "--int8", "--calibration-images", "12"])
     assert code == 0, text
     return text
 
 
-def test_export_writes_a_checked_model_with_metadata(trained_run, export_output):
-    path = trained_run / "model.onnx"
+def test_export_equals_the_model_training_exported(trained_run, exported_run, export_output):
+    """Training exports the model in memory; `vision-ft export` rebuilds it from the checkpoint."""
+    from_training = load_model(trained_run / "model.onnx")
+    from_checkpoint = load_model(exported_run / "model.onnx")
+    assert from_training.metadata == from_checkpoint.metadata
+    _, splits = load_split(trained_run / "split.json")
+    images = [s.path for s in splits["test"]]
+    batch = from_training.preprocess(images)
+    assert np.abs(from_training.logits(batch) - from_checkpoint.logits(batch)).max() < 1e-5
+
+
+def test_export_writes_a_checked_model_with_metadata(exported_run, export_output):
+    path = exported_run / "model.onnx"
     assert "max |logit diff|" in export_output and "top-1 agreement" in export_output
     assert f"wrote {path} (opset {OPSET}" in export_output
     proto = onnx.load(str(path))
@@ -74,8 +76,8 @@ def test_export_writes_a_checked_model_with_metadata(trained_run, export_output)
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch axis
 
-    loaded = load_run(trained_run)
-    split = json.loads((trained_run / "split.json").read_text())
+    loaded = load_run(exported_run)
+    split = json.loads((exported_run / "split.json").read_text())
     meta = read_metadata(proto, str(path))
     assert meta.class_names == list(CLASSES) == split["class_names"]
     assert (meta.input_size, meta.channels, meta.backbone) == ([64, 64], 3, "resnet18")
@@ -86,22 +88,22 @@ def test_export_writes_a_checked_model_with_metadata(trained_run, export_output)
     assert load_model(path).metadata == meta  # the runtime reads what export wrote
 
 
-def test_existing_model_is_not_overwritten_without_force(trained_run, export_output, capsys):
-    before = (trained_run / "model.onnx").read_bytes()
-    assert main(["export", str(trained_run)]) == 2
+def test_existing_model_is_not_overwritten_without_force(exported_run, export_output, capsys):
+    before = (exported_run / "model.onnx").read_bytes()
+    assert main(["export", str(exported_run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "already exists" in err and "--force" in err and "\n" not in err
-    assert (trained_run / "model.onnx").read_bytes() == before
+    assert (exported_run / "model.onnx").read_bytes() == before
 
 
-def test_failed_verification_leaves_no_model_behind(trained_run, tmp_path, monkeypatch, capsys):
+def test_failed_verification_leaves_no_model_behind(exported_run, tmp_path, monkeypatch, capsys):
     import vision_ft.export as export_module
 
     real = export_module.torch_logits
     # An exporter bug, simulated: onnxruntime and torch now disagree by 0.5 per logit.
     monkeypatch.setattr(export_module, "torch_logits", lambda *args: real(*args) + 0.5)
     out = tmp_path / "model.onnx"
-    assert main(["export", str(trained_run), "--out", str(out)]) == 2
+    assert main(["export", str(exported_run), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: export check failed") and "\n" not in err
     assert not out.exists() and not partial_path(out).exists()
@@ -112,10 +114,10 @@ def _read_csv(path: Path) -> dict[str, dict[str, str]]:
     return {row["path"]: row for row in csv.DictReader(path.open())}
 
 
-def test_onnx_predictions_equal_run_predictions_and_eval(trained_run, export_output, neu_subset, tmp_path):
+def test_onnx_predictions_equal_run_predictions_and_eval(exported_run, export_output, neu_subset, tmp_path):
     by_run, by_onnx, metrics = tmp_path / "run.csv", tmp_path / "onnx.csv", tmp_path / "eval.json"
-    assert main(["predict", str(trained_run), str(neu_subset), "--out", str(by_run)]) == 0
-    assert main(["predict", str(trained_run / "model.onnx"), str(neu_subset), "--out", str(by_onnx), "--batch-size", "7"]) == 0
+    assert main(["predict", str(exported_run), str(neu_subset), "--out", str(by_run)]) == 0
+    assert main(["predict", str(exported_run / "model.onnx"), str(neu_subset), "--out", str(by_onnx), "--batch-size", "7"]) == 0
     run_rows, onnx_rows = _read_csv(by_run), _read_csv(by_onnx)
     assert list(next(iter(run_rows.values()))) == list(next(iter(onnx_rows.values())))
     assert run_rows.keys() == onnx_rows.keys() and len(onnx_rows) == len(CLASSES) * PER_CLASS
@@ -124,44 +126,45 @@ def test_onnx_predictions_equal_run_predictions_and_eval(trained_run, export_out
         for k in (1, 2, 3):
             assert abs(float(onnx_rows[path][f"top{k}_score"]) - float(row[f"top{k}_score"])) <= 1e-5
 
-    assert main(["eval", str(trained_run), "--data", str(neu_subset), "--out", str(metrics)]) == 0
+    assert main(["eval", str(exported_run), "--data", str(neu_subset), "--out", str(metrics)]) == 0
     truth = {path: Path(path).parent.name for path in onnx_rows}
     onnx_accuracy = np.mean([onnx_rows[p]["label"] == truth[p] for p in truth])
     assert json.loads(metrics.read_text())["accuracy"] == pytest.approx(onnx_accuracy)
 
 
-def test_threshold_sends_low_confidence_images_to_uncertain(trained_run, export_output, neu_subset, tmp_path):
+def test_threshold_sends_low_confidence_images_to_uncertain(exported_run, export_output, neu_subset, tmp_path):
     plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
     folder = str(neu_subset / "scratches")
-    assert main(["predict", str(trained_run / "model.onnx"), folder, "--out", str(plain)]) == 0
+    assert main(["predict", str(exported_run / "model.onnx"), folder, "--out", str(plain)]) == 0
     scores = sorted(float(r["score"]) for r in _read_csv(plain).values())
     threshold = (scores[0] + scores[-1]) / 2
-    assert main(["predict", str(trained_run / "model.onnx"), folder, "--out", str(marked), "--threshold", str(threshold)]) == 0
+    assert main(["predict", str(exported_run / "model.onnx"), folder, "--out", str(marked), "--threshold", str(threshold)]) == 0
     for path, row in _read_csv(marked).items():
         expected = UNCERTAIN if float(row["score"]) < threshold else row["top1_label"]
         assert row["label"] == expected, path
     assert UNCERTAIN in {r["label"] for r in _read_csv(marked).values()}
 
 
-def test_int8_model_is_reported_and_loads_in_the_runtime(trained_run, export_output, tmp_path, capsys):
-    int8 = trained_run / "model.int8.onnx"
+def test_int8_model_is_reported_and_loads_in_the_runtime(exported_run, export_output, tmp_path, capsys):
+    int8 = exported_run / "model.int8.onnx"
+    tests = len(json.loads((exported_run / "split.json").read_text())["splits"]["test"])
     assert "calibrating on 12 training images" in export_output
-    assert "accuracy on 6 test images: fp32" in export_output and "top-1 agreement" in export_output
+    assert f"accuracy on {tests} test images: fp32" in export_output and "top-1 agreement" in export_output
     assert "images/s" in export_output and "int8" in export_output
     model = load_model(int8)
     assert model.metadata.quantization == "int8-static-qdq"
     assert model.metadata.class_names == list(CLASSES)
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(int8)).graph.node)
 
-    assert main(["quantize", str(trained_run)]) == 2  # model.int8.onnx exists
+    assert main(["quantize", str(exported_run)]) == 2  # model.int8.onnx exists
     assert "already exists" in capsys.readouterr().err
     out = tmp_path / "q.onnx"
-    assert main(["quantize", str(trained_run), "--out", str(out), "--calibration-images", "6"]) == 0
-    assert "accuracy on 6 test images" in capsys.readouterr().out and out.is_file()
+    assert main(["quantize", str(exported_run), "--out", str(out), "--calibration-images", "6"]) == 0
+    assert f"accuracy on {tests} test images" in capsys.readouterr().out and out.is_file()
 
 
 @pytest.fixture(scope="module")
-def lora_run(trained_run, tmp_path_factory) -> Path:
+def lora_run(exported_run, tmp_path_factory) -> Path:
     """The trained run turned into a LoRA run: adapters on every backbone conv with non-zero B."""
     lora = pytest.importorskip("vision_ft.finetune.lora")
     from vision_ft.checkpoint import save_checkpoint
@@ -169,11 +172,11 @@ def lora_run(trained_run, tmp_path_factory) -> Path:
     from vision_ft.finetune.build import build_strategy
 
     run = tmp_path_factory.mktemp("lora") / "run"
-    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("*.onnx"))
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("*.onnx"))
     config = load_config(run / "config.yaml")
     config.finetune.strategy = "lora"
     save_config(config, run / "config.yaml")
-    model = load_run(trained_run).model
+    model = load_run(exported_run).model
     build_strategy(config.finetune).prepare(model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -183,7 +186,7 @@ def lora_run(trained_run, tmp_path_factory) -> Path:
     return run
 
 
-def test_lora_run_exports_merged_and_matches_the_unmerged_model(lora_run, trained_run):
+def test_lora_run_exports_merged_and_matches_the_unmerged_model(lora_run, exported_run):
     lora = pytest.importorskip("vision_ft.finetune.lora")
     code, text = _run_cli(["export", str(lora_run)])
     assert code == 0, text
@@ -197,8 +200,8 @@ def test_lora_run_exports_merged_and_matches_the_unmerged_model(lora_run, traine
     expected = torch_logits(loaded.model, images, model.metadata)
     got = model.logits(model.preprocess(images))
     assert np.abs(got - expected).max() <= _allowed(expected)
-    base = torch_logits(load_run(trained_run).model, images, model.metadata)
-    # The adapters matter (a 1-epoch model has logits of about 0.05, hence the relative test).
+    base = torch_logits(load_run(exported_run).model, images, model.metadata)
+    # The adapters matter (a 2-epoch model from scratch has small logits, hence the relative test).
     assert np.abs(expected - base).max() > 0.2 * np.abs(base).max()
 
 

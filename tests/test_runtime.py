@@ -243,7 +243,13 @@ def test_threshold_sends_low_confidence_images_to_uncertain(model_path, images, 
     assert "probability" in _one_line_error(capsys, ["predict", str(model_path), str(images[0]), "--threshold", "1.5"])
 
 
-def test_mark_uncertain_keeps_the_ranking():
-    rows = [["a.png", "ok", "0.400000", "ok", "0.400000"], ["b.png", "dent", "0.900000", "dent", "0.900000"]]
-    assert mark_uncertain(rows, 0.5) == [["a.png", UNCERTAIN, "0.400000", "ok", "0.400000"], rows[1]]
-    assert mark_uncertain(rows, None) == rows
+def test_mark_uncertain_labels_rows_of_probabilities_and_the_csv_keeps_the_ranking():
+    from vision_ft.predict import prediction_rows
+
+    names = ["ok", "dent", "scratch"]
+    probs = np.array([[0.40, 0.35, 0.25], [0.05, 0.90, 0.05]], dtype=np.float32)
+    assert mark_uncertain(probs, names, 0.5) == [UNCERTAIN, "dent"]
+    assert mark_uncertain(probs, names, None) == ["ok", "dent"]
+    rows = prediction_rows([Path("a.png"), Path("b.png")], probs, names, top_k=2, threshold=0.5)
+    assert rows == [["a.png", UNCERTAIN, "0.400000", "ok", "0.400000", "dent", "0.350000", ""],
+                    ["b.png", "dent", "0.900000", "dent", "0.900000", "ok", "0.050000", ""]]

@@ -84,7 +84,7 @@ def test_multilabel_run_end_to_end(multilabel_run, multilabel_manifest, tmp_path
     assert main(["predict", str(run), str(images), "--out", str(tmp_path / "torch.csv")]) == 0
     assert main(["predict", str(run / "model.onnx"), str(images), "--out", str(tmp_path / "onnx.csv")]) == 0
     by_torch, by_onnx = _rows(tmp_path / "torch.csv"), _rows(tmp_path / "onnx.csv")
-    assert list(by_torch[0]) == ["path", "labels", "score_spot", "score_texture"]
+    assert list(by_torch[0]) == ["path", "labels", "score_spot", "score_texture", "error"]
     assert [r["labels"] for r in by_torch] == [r["labels"] for r in by_onnx]
     for a, b in zip(by_torch, by_onnx):
         assert abs(float(a["score_spot"]) - float(b["score_spot"])) < 1e-4
@@ -159,7 +159,7 @@ def test_regression_run_end_to_end(regression_run, elpv_manifest, tmp_path):
     assert main(["predict", str(run), str(images), "--out", str(tmp_path / "torch.csv")]) == 0
     assert main(["predict", str(run / "model.onnx"), str(images), "--out", str(tmp_path / "onnx.csv")]) == 0
     by_torch, by_onnx = _rows(tmp_path / "torch.csv"), _rows(tmp_path / "onnx.csv")
-    assert list(by_torch[0]) == ["path", "target"] and len(by_torch) == 8
+    assert list(by_torch[0]) == ["path", "target", "error"] and len(by_torch) == 8
     values = [float(r["target"]) for r in by_torch]
     assert max(abs(a - float(b["target"])) for a, b in zip(values, by_onnx)) < 1e-4
     model = load_model(run / "model.onnx")

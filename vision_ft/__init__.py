@@ -6,6 +6,7 @@ The public API, imported lazily so that `import vision_ft` (and the ONNX runtime
     vision_ft.train(data=..., model=..., out=..., config=None, resume=False, **overrides) -> Run
     vision_ft.load_run(path) -> Run
     vision_ft.tune(...)                          hyperparameter search (Optuna)
+    vision_ft.cross_validate(...)                k-fold cross-validation
     vision_ft.finetune.prepare(model, ...)       our strategies inside your own training loop
     vision_ft.lora.inject(model, r=8, ...)       LoRA adapters inside your own training loop
 """
@@ -25,25 +26,18 @@ _LAZY = {
     "load_run": "vision_ft.api",
     "Run": "vision_ft.api",
     "resolve_config": "vision_ft.api",
+    "cross_validate": "vision_ft.cv",
     "TrainingCallback": "vision_ft.callbacks",
     "VisionFTError": "vision_ft.errors",
 }
 
-__all__ = ["train", "tune", "cross_validate", *_LAZY]
+__all__ = ["train", "tune", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module = __import__(_LAZY[name], fromlist=[name])
         return getattr(module, name)
-    if name == "cross_validate":
-        # Cross-validation (vision_ft/cv.py) arrives with the evaluation work; until then the
-        # name exists and says so.
-        try:
-            from vision_ft.cv import cross_validate
-        except ImportError:
-            raise AttributeError("vision_ft.cross_validate is not in this version of vision-ft yet") from None
-        return cross_validate
     raise AttributeError(f"module 'vision_ft' has no attribute '{name}'")
 
 

@@ -248,10 +248,15 @@ class Run:
 
         if checkpoint not in ("best", "last"):
             raise VisionFTError(f"checkpoint must be 'best' or 'last', not '{checkpoint}'")
+        if self.config.task == "anomaly":  # image-level anomaly metrics: auroc, f1, recall per defect class
+            from vision_ft.anomaly.eval_run import evaluate_anomaly_run
+
+            return evaluate_anomaly_run(self.path, Path(data), split=split, skip_bad_images=skip_bad_images)
         return evaluate_run(self.path, Path(data), split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
 
     def predict_proba(self, images: PathLike | Sequence[ImageInput], batch_size: int | None = None) -> np.ndarray:
-        """Class probabilities (N x classes, in `class_names` order) of the best checkpoint.
+        """Scores (N x outputs, in `class_names` order) of the best checkpoint: class probabilities;
+        for a multi-label run per-label probabilities, for a regression run values in the targets' units.
 
         `images` is an image file, a folder of images (sorted), or a list of paths, numpy arrays
         (H x W or H x W x C) and Pillow images; they are decoded and resized as in training.
@@ -263,12 +268,15 @@ class Run:
     def predict(self, images: PathLike | Sequence[ImageInput], threshold: float | None = None,
                 batch_size: int | None = None) -> list[Prediction]:
         """A `vision_ft.runtime.Prediction` (label, score, top_class, probabilities) per image; below
-        `threshold` the label is 'uncertain', as in the ONNX runtime."""
+        `threshold` the label is 'uncertain', as in the ONNX runtime. Multi-label runs fill
+        `labels` (the set above the per-label thresholds), regression runs `values`."""
         from vision_ft.evaluation.run_evaluation import load_decision_rule
-        from vision_ft.run_predict import predictions
+        from vision_ft.runtime import predictions
 
-        if self.task.kind != "classification":
-            return predictions(self.predict_proba(images, batch_size), self.class_names, threshold, task=self.task)
+        task = self.task
+        if task.kind != "classification":
+            return predictions(self.predict_proba(images, batch_size), self.class_names, threshold, task=task.kind,
+                               thresholds=task.metadata().get("thresholds"))
         rule = load_decision_rule(self.path, self.class_names)  # operating thresholds chosen on val
         return predictions(self.predict_proba(images, batch_size), self.class_names, threshold, rule)
 

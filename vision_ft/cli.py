@@ -34,6 +34,14 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a config key, e.g. --set train.epochs=6 (repeatable)."),
 ]
+# The options every command that builds a config shares (train, cv, lr-find, tune).
+DataOption = Annotated[Optional[Path], typer.Option(
+    "--data", help="Folder of class folders, pre-split folder, or CSV manifest.")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")]
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="Any timm model name, e.g. resnet50, tf_efficientnet_lite0.")]
+WeightsOption = Annotated[Optional[str], typer.Option(
+    "--weights", help="'hub' (default), 'none', or a .safetensors/.pth/.bin file.")]
 
 
 def set_options(texts: list[str] | None) -> dict[str, object]:
@@ -52,26 +60,36 @@ def set_options(texts: list[str] | None) -> dict[str, object]:
 def _echo_metrics(title: str, metrics: dict) -> None:
     from vision_ft.metrics import format_summary
 
+    if "per_defect_class" in metrics:  # an anomaly run
+        from vision_ft.anomaly.evaluate import format_anomaly_summary
+
+        typer.echo(f"{title}: {format_anomaly_summary(metrics)}")
+        return
     typer.echo(f"{title}: {format_summary(metrics)}")
 
 
 @app.command()
 def train(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name, e.g. resnet50, tf_efficientnet_lite0.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a .safetensors/.pth/.bin file.")] = None,
+    data: DataOption = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<data>-<model>-<n>).")] = None,
     overrides: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run folder given by --out from its last checkpoint.")] = False,
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out unreadable images with a warning.")] = False,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Wall-clock budget, e.g. 10m: epochs are planned to fit it, evaluation and export included.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="classification (default) or anomaly: fit on good parts only.")] = None,
 ) -> None:
     """Fine-tune a backbone on labelled images and write a run folder."""
     import vision_ft
 
+    settings = set_options(overrides) | ({"task": task} if task is not None else {})
+    if budget is not None:
+        settings["train.time_budget"] = budget
     run = vision_ft.train(data=data, model=model, out=out, config=config, resume=resume, weights=weights,
-                          force=force, skip_bad_images=skip_bad_images, **set_options(overrides))
+                          force=force, skip_bad_images=skip_bad_images, **settings)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"run folder: {run.path}")
         if run.folder.onnx.is_file():
@@ -79,7 +97,9 @@ def train(
         metrics = run.metrics
         for split in ("val", "test"):
             if split in metrics:
-                _echo_metrics(f"{split} (best epoch {metrics['best_epoch']})", metrics[split])
+                # An anomaly run is fitted in one pass: no epoch to name.
+                title = f"{split} (best epoch {metrics['best_epoch']})" if "best_epoch" in metrics else split
+                _echo_metrics(title, metrics[split])
         from vision_ft.evaluation.run_evaluation import summary_lines
 
         for line in summary_lines(metrics):  # intervals, calibration, operating point
@@ -93,9 +113,9 @@ def cv(
     repeats: Annotated[int, typer.Option("--repeats", help="Repeat the fold assignment with other shuffles.")] = 1,
     seeds: Annotated[Optional[str], typer.Option("--seeds", help="Repeat whole runs with these training seeds, e.g. 0,1,2.")] = None,
     out: Annotated[Path, typer.Option("--out", help="CV folder (resumed when it exists).")] = Path("CV"),
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub', 'none', or a weights file.")] = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     overrides: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Start the CV folder again instead of resuming it.")] = False,
 ) -> None:
@@ -115,12 +135,34 @@ def cv(
     typer.echo(f"CV folder: {result.out} (summary.json, report.md, oof_predictions.csv)")
 
 
+@app.command(name="lr-find")
+def lr_find(
+    data: DataOption = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the plot.")] = Path("lr_find.png"),
+    steps: Annotated[int, typer.Option("--steps", min=5, help="Optimizer steps of the range test.")] = 100,
+    start_lr: Annotated[float, typer.Option("--start-lr", help="First learning rate.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option("--end-lr", help="Last learning rate.")] = 1.0,
+) -> None:
+    """Learning-rate range test: a plot of the loss against a growing rate, and a suggested rate."""
+    from vision_ft.config import build_config
+    from vision_ft.lr_find import lr_range_test
+
+    cfg = build_config(config, overrides, data_path=str(data) if data else None, model_name=model, model_weights=weights)
+    result = lr_range_test(cfg, steps=steps, start_lr=start_lr, end_lr=end_lr, plot=out)
+    typer.echo(f"{len(result.lrs)} steps from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; plot: {out}")
+    typer.echo(f"suggested learning rate: {result.suggestion:.2g} (train with --set train.lr={result.suggestion:.2g})")
+
+
 @app.command(name="tune")
 def tune_command(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of class folders, pre-split folder, or CSV manifest.")] = None,
+    data: DataOption = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe with a tune: section (tune.space).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Any timm model name.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="'hub' (default), 'none', or a weights file.")] = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Tune folder; the same folder again continues the search.")] = None,
     overrides: SetOption = None,
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Total trials in the search (earlier ones count).")] = None,
@@ -161,6 +203,15 @@ def eval_command(
 
     if checkpoint not in ("best", "last"):
         raise VisionFTError(f"--checkpoint must be 'best' or 'last', not '{checkpoint}'")
+    if vision_ft.load_run(run).config.task == "anomaly":
+        from vision_ft.anomaly.eval_run import evaluate_anomaly_run, write_anomaly_eval_outputs
+
+        metrics = evaluate_anomaly_run(run, data, split=split, skip_bad_images=skip_bad_images)
+        _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
+        if out:
+            write_anomaly_eval_outputs(metrics, out)
+            typer.echo(f"metrics written to {out}")
+        return
     metrics = vision_ft.load_run(run).evaluate(data, split=split, checkpoint=checkpoint, skip_bad_images=skip_bad_images)
     _echo_metrics(f"{data} ({metrics['num_samples']} images)", metrics)
     from vision_ft.evaluation.run_evaluation import summary_lines
@@ -174,11 +225,6 @@ def eval_command(
         typer.echo(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}))
 
 
-def _is_onnx_model(source: Path) -> bool:
-    """A model file (for the runtime) rather than a run folder."""
-    return source.suffix.lower() == ".onnx" or source.is_file()
-
-
 @app.command()
 def predict(
     source: Annotated[Path, typer.Argument(help="Run folder, or a model.onnx written by `vision-ft export`.")],
@@ -188,40 +234,55 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Label images whose top score is below this probability 'uncertain' (for manual inspection).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: 32 for ONNX, the run's batch size otherwise).")] = None,
+    skip_bad_images: Annotated[bool, typer.Option(
+        "--skip-bad-images", help="List unreadable images in the output (label 'error', reason in the error column) instead of stopping.")] = False,
+    heatmaps: Annotated[Optional[Path], typer.Option(
+        "--heatmaps", help="Also write each image with its heatmap overlaid (PNG) into this folder: anomaly maps, or class activation maps.")] = None,
 ) -> None:
-    """Label images with a trained run or an exported ONNX model; CSV with path, label, score and top-k scores."""
+    """Label images with a trained run or an exported ONNX model; CSV with path, label, score, top-k scores and error."""
     import vision_ft
     from vision_ft.evaluation.run_evaluation import load_decision_rule
-    from vision_ft.predict import collect_images, prediction_header, prediction_rows, write_predictions_csv
-    from vision_ft.runtime import DEFAULT_BATCH_SIZE, check_threshold, load_model
+    from vision_ft.heatmaps.predict import is_anomaly_source, predict_and_draw
+    from vision_ft.onnx_predict import is_onnx_model, onnx_probabilities
+    from vision_ft.predict import collect_images, prediction_header, prediction_rows, readable_images, task_prediction_rows
+    from vision_ft.data.pixel_policy import policy_from_config
+    from vision_ft.runtime import check_threshold
 
-    check_threshold(threshold)
-    if _is_onnx_model(source):
-        from tqdm import tqdm
-
-        model = load_model(source)
-        images = collect_images(path)
-        class_names = model.class_names
-        with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not sys.stderr.isatty()) as bar:
-            probs = model.predict_proba(images, batch_size or DEFAULT_BATCH_SIZE, progress=bar.update)
-        rule, task_table = model.rule, model.prediction_table
-        kind = model.task
+    check_threshold(threshold)  # the model is opened before the images are listed: its errors come first
+    if heatmaps is not None or is_anomaly_source(source):
+        header, rows = predict_and_draw(source, path, heatmaps, top_k, batch_size, threshold, echo=typer.echo)
+        _write_rows(out, header, rows)
+        return
+    if is_onnx_model(source):
+        model, images, probs, skipped = onnx_probabilities(source, path, batch_size, skip_bad_images)
+        class_names, rule = model.class_names, model.rule
+        kind, task_table = model.task, model.prediction_table
     else:
         run = vision_ft.load_run(source)
         images = collect_images(path)
+        readable, skipped = readable_images(images, skip_bad_images, pixels=policy_from_config(run.config.data))
         class_names = run.class_names
-        probs = run.predict_proba(images, batch_size)  # with the run's temperature, as the runtime
+        probs = run.predict_proba(readable, batch_size)  # with the run's temperature, as the runtime
         kind, task_table = run.task.kind, run.task.prediction_table
         rule = load_decision_rule(run.path, class_names) if kind == "classification" else None
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} (label 'error' in the output)", err=True)
     if kind != "classification":
         if threshold is not None:
             raise VisionFTError("--threshold applies to single-label classifiers; multi-label models carry per-label "
                                 "thresholds chosen on val, regressors none")
-        header, rows = task_table(images, probs, top_k)
+        header, rows = task_prediction_rows(task_table, images, probs, top_k, skipped)
     else:
         top_k = max(1, min(top_k, len(class_names)))
         # Labels by the run's operating thresholds; --threshold marks low-confidence images on top.
-        header, rows = prediction_header(top_k), prediction_rows(images, probs, class_names, top_k, rule, threshold)
+        header = prediction_header(top_k)
+        rows = prediction_rows(images, probs, class_names, top_k, rule, threshold, skipped)
+    _write_rows(out, header, rows)
+
+
+def _write_rows(out: Optional[Path], header: list[str], rows: list[list[str]]) -> None:
+    from vision_ft.predict import write_predictions_csv
+
     if out:
         write_predictions_csv(out, header, rows)
         typer.echo(f"{len(rows)} predictions written to {out}")

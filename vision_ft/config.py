@@ -9,19 +9,46 @@ the key, what is allowed, and a close match when there is one.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
 from vision_ft.errors import VisionFTError
+from vision_ft.safe_yaml import load_yaml, short_repr
+
+
+def _int_or_auto(minimum: int, maximum: int | None = None) -> Any:
+    """A setting that is a whole number in [minimum, maximum], or "auto" (decided from the data)."""
+
+    def check(value: Any) -> int | str:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"must be 'auto' or a whole number >= {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"must be 'auto' or between {minimum} and {maximum if maximum is not None else 'any'}")
+        return int(value)
+
+    return Annotated[int | str, PlainValidator(check), PlainSerializer(lambda v: v)]
+
+
+def _float_or_auto(value: Any) -> float | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError("must be 'auto' or a number > 0")
+    return float(value)
 
 
 class _Strict(BaseModel):
     # extra="forbid" turns a typo such as `train.epohcs` into an error instead of a silent no-op.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `train.lr=.inf` or `data.mean=[.nan]` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _default_train_augment() -> list[dict[str, Any]]:
@@ -41,7 +68,8 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     path: str | None = None
-    image_size: int = Field(224, ge=16, le=4096)
+    # auto: from the images' native sizes, clamped and rounded for the backbone (vision_ft/auto_size.py)
+    image_size: _int_or_auto(16, 4096) = "auto"
     channels: Literal[1, 3] = 3
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -50,9 +78,13 @@ class DataConfig(_Strict):
     split_seed: int = 0
     workers: int = Field(2, ge=0)
     skip_bad_images: bool = False
+    # Images with more pixels are refused (JPEGs are decoded at a reduced scale first): bounded
+    # memory on hostile files. See vision_ft.data.decode.MAX_PIXELS.
+    max_pixels: int = Field(40_000_000, ge=1024)
     # How to counter class imbalance: weight the loss by inverse class frequency, or draw
-    # batches with a class-balanced sampler.
-    balance: Literal["none", "loss_weights", "sampler"] = "none"
+    # batches with a class-balanced sampler; auto weights the loss when the smallest class has
+    # under a third of the largest one's images (vision_ft/imbalance.py).
+    balance: Literal["auto", "none", "loss_weights", "sampler"] = "auto"
     # How images with more than 8 bits (16-bit PNG/TIFF, float TIFF, DICOM) become 8-bit pixels:
     # auto | minmax | percentile[lo,hi] | window[center,width] (vision_ft.data.intensity).
     intensity: str = "auto"
@@ -103,16 +135,19 @@ class ModelConfig(_Strict):
 
 
 class EarlyStoppingConfig(_Strict):
-    # auto: the task's default (classification macro_f1, multilabel macro_auroc, regression rmse).
+    # auto: the task's (classification: AUROC for two classes, the loss otherwise, smooth metrics
+    # a small val split cannot fool; multilabel: macro_auroc; regression: rmse).
     metric: Literal["auto", "loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "macro_auroc", "map",
                     "micro_auroc", "micro_f1", "rmse", "mae", "r2", "pearson", "spearman"] = "auto"
-    patience: int = Field(5, ge=1)
+    patience: _int_or_auto(1) = "auto"
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: _int_or_auto(1) = "auto"
+    # e.g. "10m", "90s", "1h30m": epochs are planned to fill it, evaluation and export included
+    time_budget: str | None = None
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: Annotated[float | str, PlainValidator(_float_or_auto), PlainSerializer(lambda v: v)] = "auto"
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
@@ -122,10 +157,21 @@ class TrainConfig(_Strict):
     # (CPU autocast was slower than fp32 in our measurements on machines without AMX).
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     seed: int = 0
+    # Keep an exponential moving average of the weights; it is evaluated each epoch and kept when better.
+    ema: bool = True
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     regression_loss: Literal["mse", "l1", "huber"] = "mse"  # on standardised targets
     # multilabel: BCE positive weights, none | auto (negatives/positives per label, capped at 100) | one per label
     pos_weight: Union[Literal["none", "auto"], list[float]] = "none"
+
+    @field_validator("time_budget")
+    @classmethod
+    def _readable_budget(cls, value: str | None) -> str | None:
+        if value is not None:
+            from vision_ft.budget import parse_duration
+
+            parse_duration(value)  # raises ValueError with the accepted forms
+        return value
 
 
 class LoRAConfig(_Strict):
@@ -158,6 +204,27 @@ class FinetuneConfig(_Strict):
 class ExportConfig(_Strict):
     # Write RUN/model.onnx (LoRA merged, checked against onnxruntime) when training ends.
     onnx: bool = True
+    # CNN classifiers with a pooling + linear head also output class activation maps ('cam').
+    cam: bool = True
+
+
+class AnomalyConfig(_Strict):
+    """`task: anomaly`: a PatchCore-style model fitted on good parts only (vision_ft.anomaly)."""
+
+    good_class: str = Field("good", min_length=1)
+    # Backbone feature levels (timm feature_info indices); null: the levels at strides 8 and 16.
+    layers: list[int] | None = None
+    patch_size: int = Field(3, ge=1)
+    feature_dim: int = Field(384, ge=8)
+    coreset_fraction: float = Field(0.1, gt=0, le=1)
+    max_patches: int = Field(60000, ge=100)
+    projection_dim: int = Field(128, ge=0)
+    neighbours: int = Field(9, ge=1)
+    blur_sigma: float = Field(4.0, ge=0)
+    threshold_rule: Literal["best_f1", "target_recall"] = "best_f1"
+    target_recall: float = Field(0.95, gt=0, le=1)
+    good_quantile: float = Field(0.99, gt=0, lt=1)
+    uncertain_band: float = Field(0.05, ge=0, lt=0.5)
 
 
 class CalibrationConfig(_Strict):
@@ -181,6 +248,8 @@ class EvalConfig(_Strict):
     target_recall: dict[str, float] | None = None
     bootstrap_resamples: int = Field(2000, ge=0)  # 0: no confidence intervals
     confidence: float = Field(0.95, gt=0, lt=1)
+    # flip: average the predictions of each image and its horizontal mirror (final val/test evaluation)
+    tta: Literal["none", "flip"] = "none"
 
     @field_validator("target_recall")
     @classmethod
@@ -211,22 +280,27 @@ class TuneConfig(_Strict):
     # {int: [low, high]} | {choice: [a, b, ...]}}, checked by vision_ft.tune.space.
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # What the search maximises (minimises for loss) on the validation split; null: train.early_stopping.metric.
-    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss"] | None = None
+    metric: Literal["loss", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "macro_auroc", "map", "micro_auroc",
+                    "micro_f1", "rmse", "mae", "r2", "pearson", "spearman"] | None = None
     trials: int | None = Field(None, ge=1)  # total trials in the study (resumed searches count earlier ones)
     timeout: float | None = Field(None, gt=0)  # seconds for this invocation
     # Random trials before TPE models the space and before the median pruner compares a trial
     # with earlier ones; the pruner also waits warmup_epochs: too early a comparison kills slow starters.
     startup_trials: int = Field(3, ge=0)
     warmup_epochs: int = Field(1, ge=0)
+    # null: score a trial on the validation split; k: by the mean test metric of a k-fold
+    # cross-validation of its settings (vision_ft.cv), pruned between folds instead of epochs.
+    folds: int | None = Field(None, ge=2)
 
 
 class Config(_Strict):
-    task: Literal["classification", "multilabel", "regression"] = "classification"
+    task: Literal["classification", "multilabel", "regression", "anomaly"] = "classification"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -265,7 +339,7 @@ def _explain(error: ValidationError, origin: str) -> VisionFTError:
             f"{origin}: unknown config key '{key}'; {hint}allowed here: {', '.join(allowed)}{more}"
         )
     value = first.get("input")
-    return VisionFTError(f"{origin}: bad value {value!r} for '{key}': {first['msg']}{more}")
+    return VisionFTError(f"{origin}: bad value {short_repr(value)} for '{key}': {first['msg'][:200]}{more}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -277,7 +351,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise VisionFTError(f"override '{text}' has an empty key; use e.g. train.epochs=6")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"override '{short_repr(text)}'") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -293,12 +367,20 @@ def _set_nested(tree: dict[str, Any], parts: list[str], value: Any, text: str) -
     node[parts[-1]] = value
 
 
+MAX_RECIPE_BYTES = 1_000_000  # the default recipe is 2 KB
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML recipe as a dict, with one-line errors for missing or malformed files."""
     if not path.is_file():
         raise VisionFTError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise VisionFTError(f"config file {path} has {path.stat().st_size} bytes, too many for a recipe "
+                            f"(at most {MAX_RECIPE_BYTES}); pass the YAML recipe itself")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}") or {}
+    except UnicodeDecodeError:
+        raise VisionFTError(f"config file {path} is not UTF-8 text; pass a YAML recipe") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -360,8 +442,8 @@ def build_config(
     for name, value in flatten_settings(settings or {}).items():
         parts = [p for p in name.split(".") if p]
         if not parts:
-            raise VisionFTError(f"override '{name}={value!r}' has an empty key; use e.g. train.epochs=6")
-        _set_nested(tree, parts, value, f"{name}={value!r}")
+            raise VisionFTError(f"override '{name}={short_repr(value)}' has an empty key; use e.g. train.epochs=6")
+        _set_nested(tree, parts, value, f"{name}={short_repr(value)}")
     for name, value in flags.items():
         if value is not None:
             section, key = name.split("_", 1)

@@ -26,23 +26,34 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from scipy import stats
 
 from vision_ft.config import Config
-from vision_ft.data.discover import Sample, discover
+from vision_ft.data.discover import Sample
 from vision_ft.data.groups import assign_groups, hold_out, stratified_folds
 from vision_ft.errors import VisionFTError
 from vision_ft.evaluation.bootstrap import bootstrap_metrics
 from vision_ft.evaluation.run_evaluation import PREDICTIONS_FILE, load_decision_rule, read_predictions
+from vision_ft.evaluation.task_intervals import bootstrap_task_metrics, multilabel_resampled, regression_resampled
 from vision_ft.metrics import compute_metrics
+from vision_ft.tasks import build_task
+from vision_ft.tasks.base import Task
+from vision_ft.tasks.predictions_file import read_scored
+from vision_ft.tasks.splits import grouped, task_splitter, vector_folds
 
 log = logging.getLogger("vision_ft")
 
 CV_MARKER = ".vision-ft-cv"
 FOLD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss")
+# The test metrics summarised over folds, per task (classification: FOLD_METRICS).
+TASK_FOLD_METRICS = {"classification": FOLD_METRICS,
+                     "multilabel": ("macro_auroc", "map", "macro_f1", "micro_auroc", "micro_f1", "loss"),
+                     "regression": ("rmse", "mae", "r2", "pearson", "spearman", "loss")}
+# Metrics that are not rates in [0, 1]: their intervals are not clipped.
+UNBOUNDED = frozenset({"loss", "temperature", "threshold", "rmse", "mae", "r2", "pearson", "spearman"})
 CALIBRATION_METRICS = ("ece", "brier", "nll")
 RATE_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
 
@@ -84,19 +95,51 @@ def _open_cv_folder(out: Path, force: bool) -> None:
 
 
 def _data_fingerprint(samples: list[Sample], groups: dict[Path, str] | None) -> str:
-    lines = sorted(f"{s.path}\t{s.label}\t{groups[s.path] if groups else ''}" for s in samples)
+    lines = sorted(f"{s.path}\t{s.label}\t{s.target}\t{groups[s.path] if groups else ''}" for s in samples)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def _write_manifest(path: Path, parts: dict[str, list[Sample]], class_names: list[str],
+def _write_manifest(path: Path, parts: dict[str, list[Sample]], kind: str, names: list[str],
                     groups: dict[Path, str] | None) -> None:
+    """A fold's CSV manifest in the task's format (label; `;`-separated labels; one column per target)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {"classification": ["label"], "multilabel": ["labels"], "regression": list(names)}[kind]
+
+    def values(s: Sample) -> list[str]:
+        if kind == "classification":
+            return [names[s.label]]
+        if kind == "multilabel":
+            return [";".join(name for name, v in zip(names, s.target) if v >= 0.5)]
+        return [f"{v:.9g}" for v in s.target]
+
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "split", *(["group"] if groups else [])])
+        writer.writerow(["path", *columns, "split", *(["group"] if groups else [])])
         for split, samples in parts.items():
             for s in samples:
-                writer.writerow([str(s.path), class_names[s.label], split, *([groups[s.path]] if groups else [])])
+                writer.writerow([str(s.path), *values(s), split, *([groups[s.path]] if groups else [])])
+
+
+def _fold_parts(task: Task, samples: list[Sample], groups: dict[Path, str] | None, folds: int, val_fraction: float,
+                seed: int) -> list[tuple[list[Sample], list[Sample], list[Sample]]]:
+    """(train, val, test) per fold: test is the fold, val a stratified (grouped) part of the rest."""
+    kind = task.kind
+    if kind == "classification":
+        held = stratified_folds(samples, groups, folds, seed, what="folds")
+    else:
+        held = vector_folds(samples, groups, folds, seed, kind)
+    parts = []
+    for test_index in held:
+        test_set = set(test_index.tolist())
+        rest = [s for i, s in enumerate(samples) if i not in test_set]
+        if kind == "classification":
+            train, val = hold_out(rest, groups, val_fraction, seed, "parts for a validation split")
+        else:
+            splitter = grouped(task_splitter(kind), groups) if groups else task_splitter(kind)
+            carved = splitter(rest, val_fraction, 0.0, seed)
+            train, val = carved["train"], carved["val"]
+        parts.append((train, val, [samples[i] for i in sorted(test_set)]))
+    return parts
 
 
 def plan_folds(config: Config, out: Path, folds: int, repeats: int, seeds: list[int]) -> tuple[list[FoldPlan], list[str]]:
@@ -107,7 +150,8 @@ def plan_folds(config: Config, out: Path, folds: int, repeats: int, seeds: list[
         raise VisionFTError(f"--repeats {repeats} must be at least 1")
     if not config.data.path:
         raise VisionFTError("no data given; pass --data DIR (a folder of class folders, or a CSV manifest)")
-    index = discover(Path(config.data.path))
+    task = build_task(config)
+    index = task.discover(Path(config.data.path))
     groups = assign_groups(index, config.data.group_by, config.data.path) if config.data.group_by else None
     samples = sorted(index.samples, key=lambda s: str(s.path))  # pre-split data is pooled: CV re-splits it
     fingerprint = _data_fingerprint(samples, groups)
@@ -117,16 +161,12 @@ def plan_folds(config: Config, out: Path, folds: int, repeats: int, seeds: list[
     plans = []
     for seed in seeds:
         for repeat in range(repeats):
-            held = stratified_folds(samples, groups, folds, config.data.split_seed + repeat, what="folds")
-            for k, test_index in enumerate(held, start=1):
-                test_set = set(test_index.tolist())
-                rest = [s for i, s in enumerate(samples) if i not in test_set]
-                train, val = hold_out(rest, groups, config.data.val_fraction, config.data.split_seed + repeat,
-                                      "parts for a validation split")
+            parts = _fold_parts(task, samples, groups, folds, config.data.val_fraction, config.data.split_seed + repeat)
+            for k, (train, val, test) in enumerate(parts, start=1):
                 parent = out / (f"seed-{seed}" if len(seeds) > 1 else "") / (f"repeat-{repeat + 1}" if repeats > 1 else "")
                 plan = FoldPlan(seed, repeat + 1, k, parent / f"fold-{k}",
                                 out / "manifests" / f"{str(parent.relative_to(out)).replace('/', '-').strip('.-') or 'cv'}-fold-{k}.csv")
-                _write_manifest(plan.manifest, {"train": train, "val": val, "test": [samples[i] for i in sorted(test_set)]},
+                _write_manifest(plan.manifest, {"train": train, "val": val, "test": test}, task.kind,
                                 index.class_names, groups)
                 plans.append(plan)
     plan_file.write_text(json.dumps({"fingerprint": fingerprint, "folds": folds, "repeats": repeats, "seeds": seeds,
@@ -137,10 +177,13 @@ def plan_folds(config: Config, out: Path, folds: int, repeats: int, seeds: list[
 # ------------------------------------------------------------------ running
 
 
-def _fold_config(config: Config, plan: FoldPlan, grouped: bool) -> Config:
+def _fold_config(config: Config, plan: FoldPlan, grouped: bool, names: list[str]) -> Config:
     tree = config.model_dump(mode="json")
     tree["data"]["path"] = str(plan.manifest)
     tree["data"]["group_by"] = "group" if grouped else None  # the manifest's column
+    tree["data"]["label_columns"] = None  # multi-label fold manifests have a `labels` column
+    if config.task == "regression":  # one column per target, named as the targets
+        tree["data"]["target_columns"] = list(names)
     tree["train"]["seed"] = plan.seed
     return Config.model_validate(tree)
 
@@ -165,8 +208,12 @@ def cross_validate(
     repeats: int = 1,
     seeds: list[int] | None = None,
     force: bool = False,
+    after_fold: Callable[[FoldPlan], None] | None = None,
 ) -> CVResult:
-    """Run (or resume) a k-fold cross-validation into `out`; see the module docstring."""
+    """Run (or resume) a k-fold cross-validation into `out`; see the module docstring.
+
+    `after_fold` is called with each finished fold's plan (the hyperparameter search reports
+    the running mean to its pruner there, and may stop the CV by raising)."""
     out = Path(out)
     seeds = list(seeds) if seeds else [config.train.seed]
     if len(set(seeds)) != len(seeds):
@@ -180,7 +227,9 @@ def cross_validate(
             shutil.rmtree(out, ignore_errors=True)
         raise
     for plan in plans:
-        run_fold(_fold_config(config, plan, bool(config.data.group_by)), plan)
+        run_fold(_fold_config(config, plan, bool(config.data.group_by), class_names), plan)
+        if after_fold is not None:
+            after_fold(plan)
     summary = summarise(plans, class_names, out, config)
     return CVResult(out, summary, [plan.folder for plan in plans])
 
@@ -204,11 +253,11 @@ def mean_interval(values: list[float], confidence: float = 0.95, bounded: bool =
     return {"mean": mean, "sd": sd, "low": low, "high": high, "n": int(len(clean))}
 
 
-def _fold_row(plan: FoldPlan) -> dict[str, Any]:
+def _fold_row(plan: FoldPlan, kind: str) -> dict[str, Any]:
     metrics = json.loads((plan.folder / "metrics.json").read_text())
     row: dict[str, Any] = {"replicate": plan.replicate, "fold": plan.fold, "images": metrics["test"]["num_samples"],
                            "best_epoch": metrics.get("best_epoch")}
-    row.update({name: metrics["test"].get(name) for name in FOLD_METRICS})
+    row.update({name: metrics["test"].get(name) for name in TASK_FOLD_METRICS[kind]})
     calibration = metrics.get("calibration_test")
     if calibration:
         row["temperature"] = calibration["temperature"]
@@ -269,21 +318,81 @@ def pooled_metrics(rows: list[dict[str, Any]], class_names: list[str], config: C
 
 
 def _is_rate(name: str) -> bool:
-    return not (name in ("loss", "temperature", "threshold") or name.startswith(("nll", "brier")))
+    return not (name in UNBOUNDED or name.startswith(("nll", "brier")))
+
+
+def _task_oof_rows(plans: list[FoldPlan], names: list[str], kind: str) -> list[dict[str, Any]]:
+    """Every fold's test targets and scores (multi-label: decided by that fold's thresholds)."""
+    rows = []
+    for plan in plans:
+        test = read_scored(plan.folder / PREDICTIONS_FILE, names)["test"]
+        task_state = json.loads((plan.folder / "task.json").read_text()) if kind == "multilabel" else {}
+        thresholds = np.asarray(task_state.get("thresholds", [0.5] * len(names)))
+        for i, path in enumerate(test.paths):
+            rows.append({"replicate": plan.replicate, "fold": plan.fold, "path": path,
+                         "group": test.groups[i] if test.groups else "", "targets": test.targets[i],
+                         "scores": test.scores[i], "decided": test.scores[i] >= thresholds})
+    return rows
+
+
+def write_task_oof(path: Path, rows: list[dict[str, Any]], names: list[str], kind: str) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        decided = ["labels_decided"] if kind == "multilabel" else []
+        writer.writerow(["replicate", "fold", "path", "group", *(f"true_{n}" for n in names), *decided,
+                         *(f"score_{n}" for n in names)])
+        for row in rows:
+            labels = [";".join(n for n, d in zip(names, row["decided"]) if d)] if kind == "multilabel" else []
+            writer.writerow([row["replicate"], row["fold"], row["path"], row["group"],
+                             *(f"{v:.9g}" for v in row["targets"]), *labels, *(f"{v:.6g}" for v in row["scores"])])
+
+
+def pooled_task_metrics(rows: list[dict[str, Any]], names: list[str], kind: str, config: Config) -> dict[str, Any]:
+    """Multi-label or regression metrics of one replicate's pooled out-of-fold predictions, with
+    bootstrap intervals (whole groups resampled when known)."""
+    targets = np.stack([r["targets"] for r in rows])
+    scores = np.stack([r["scores"] for r in rows])
+    groups = [r["group"] for r in rows] if any(r["group"] for r in rows) else None
+    if kind == "multilabel":
+        from vision_ft.tasks.multilabel import multilabel_metrics
+
+        decided = np.stack([r["decided"] for r in rows])
+        metric_rows = lambda w: multilabel_resampled(w, targets, scores, decided)  # noqa: E731
+        point = {"map": multilabel_metrics(scores, targets, names, [0.5] * len(names))["map"]}  # threshold-free
+    else:
+        from vision_ft.tasks.regression import regression_metrics
+
+        metric_rows = lambda w: regression_resampled(w, scores, targets)  # noqa: E731
+        point = {"spearman": regression_metrics(scores, targets, names)["spearman"]}
+    ones = metric_rows(np.ones((1, len(rows)), np.float32))
+    point.update({name: (float(v[0]) if np.isfinite(v[0]) else None) for name, v in ones.items()})
+    result: dict[str, Any] = {"images": len(rows), "metrics": point}
+    settings = config.eval
+    if settings.bootstrap_resamples > 0:
+        result["ci"] = bootstrap_task_metrics(metric_rows, len(rows), groups, settings.bootstrap_resamples,
+                                              settings.confidence)
+    return result
 
 
 def summarise(plans: list[FoldPlan], class_names: list[str], out: Path, config: Config) -> dict[str, Any]:
     """summary.json, oof_predictions.csv, report.md and folds.png from the finished folds."""
     from vision_ft.cv_report import plot_folds, write_cv_report
 
-    rows = [_fold_row(plan) for plan in plans]
+    kind = config.task
+    rows = [_fold_row(plan, kind) for plan in plans]
     columns = [k for k in rows[0] if k not in ("replicate", "fold", "images", "best_epoch")]
-    oof = _oof_rows(plans, class_names)
-    write_oof(out / "oof_predictions.csv", oof, class_names)
     replicates = sorted({plan.replicate for plan in plans})
-    pooled = {rep: pooled_metrics([r for r in oof if r["replicate"] == rep], class_names, config) for rep in replicates}
+    if kind == "classification":
+        oof = _oof_rows(plans, class_names)
+        write_oof(out / "oof_predictions.csv", oof, class_names)
+        pooled = {rep: pooled_metrics([r for r in oof if r["replicate"] == rep], class_names, config) for rep in replicates}
+    else:
+        oof = _task_oof_rows(plans, class_names, kind)
+        write_task_oof(out / "oof_predictions.csv", oof, class_names, kind)
+        pooled = {rep: pooled_task_metrics([r for r in oof if r["replicate"] == rep], class_names, kind, config)
+                  for rep in replicates}
     summary: dict[str, Any] = {
-        "folds": max(plan.fold for plan in plans), "replicates": replicates, "class_names": class_names,
+        "task": kind, "folds": max(plan.fold for plan in plans), "replicates": replicates, "class_names": class_names,
         "group_by": config.data.group_by,
         "over_folds": {name: mean_interval([row.get(name) for row in rows], config.eval.confidence, _is_rate(name))
                        for name in columns},
@@ -293,7 +402,7 @@ def summarise(plans: list[FoldPlan], class_names: list[str], out: Path, config: 
     if len(replicates) > 1:
         summary["spread_over_replicates"] = {
             name: mean_interval([pooled[rep]["metrics"][name] for rep in replicates], config.eval.confidence)
-            for name in FOLD_METRICS if all(pooled[rep]["metrics"].get(name) is not None for rep in replicates)}
+            for name in TASK_FOLD_METRICS[kind] if all(pooled[rep]["metrics"].get(name) is not None for rep in replicates)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_folds(rows, out / "folds.png")
     write_cv_report(summary, out / "report.md", config)

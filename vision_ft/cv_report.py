@@ -41,7 +41,9 @@ def write_cv_report(summary: dict[str, Any], path: Path, config: Config) -> None
     lines = [
         f"# Cross-validation: {summary['folds']} folds, {len(replicates)} replicate(s)",
         "",
-        f"- data: `{config.data.path}`, classes: {', '.join(summary['class_names'])}",
+        f"- task: {summary.get('task', 'classification')}; data: `{config.data.path}`, "
+        f"{ {'multilabel': 'labels', 'regression': 'targets'}.get(summary.get('task'), 'classes')}: "
+        f"{', '.join(summary['class_names'])}",
         f"- model: `{config.model.name}` (weights `{config.model.weights}`), {config.data.image_size} px, "
         f"{config.train.epochs} epochs max",
         f"- grouped by: `{summary['group_by']}`" if summary["group_by"] else "- not grouped (every image its own unit)",
@@ -53,7 +55,8 @@ def write_cv_report(summary: dict[str, Any], path: Path, config: Config) -> None
         "",
         "Intervals over folds are t-intervals of the mean (folds share training data, so they describe the spread "
         "rather than guarantee coverage); pooled intervals are percentile bootstraps over the out-of-fold "
-        "predictions (`oof_predictions.csv`), stratified by class"
+        "predictions (`oof_predictions.csv`)"
+        + (", stratified by class" if summary.get("task", "classification") == "classification" else "")
         + (", resampling groups." if summary["group_by"] else "."),
     ]
     if "spread_over_replicates" in summary:
@@ -77,7 +80,8 @@ def plot_folds(rows: list[dict[str, Any]], path: Path) -> None:
     import numpy as np
 
     names = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece_calibrated",
-                         "sensitivity_at_threshold", "specificity_at_threshold") if any(r.get(k) is not None for r in rows)]
+                         "sensitivity_at_threshold", "specificity_at_threshold", "macro_auroc", "map", "micro_auroc",
+                         "micro_f1", "r2", "pearson", "spearman") if any(r.get(k) is not None for r in rows)]
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
     for x, name in enumerate(names):
         values = np.array([r[name] for r in rows if r.get(name) is not None], dtype=float)
@@ -85,7 +89,8 @@ def plot_folds(rows: list[dict[str, Any]], path: Path) -> None:
         ax.scatter(x + jitter, values, s=18, alpha=0.8)
         ax.hlines(values.mean(), x - 0.3, x + 0.3, color="black")
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
-    ax.set_ylim(0, 1.02)
+    lowest = min((r[n] for r in rows for n in names if r.get(n) is not None), default=0.0)
+    ax.set_ylim(min(0.0, lowest - 0.02), 1.02)  # R² can be negative
     ax.set_title(f"test metrics per fold ({len(rows)} runs); bar = mean")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

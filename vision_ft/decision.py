@@ -72,7 +72,8 @@ class DecisionRule:
         decided = self.decide(probabilities)
         names = []
         for row, index in zip(probabilities, decided):
-            if index < 0 or (reject_below is not None and row[index] < reject_below):
+            # `not >=`: a NaN score is below every threshold, so it never passes the reject band
+            if index < 0 or (reject_below is not None and not row[index] >= reject_below):
                 names.append(UNCERTAIN)
             else:
                 names.append(class_names[index])

@@ -6,18 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from vision_ft.data.dataset import ImageDataset
-from vision_ft.data.decode import find_bad_images
-from vision_ft.data.loaders import build_loader
-from vision_ft.data.pixel_policy import policy_from_config
-from vision_ft.data.transforms import build_transforms
+from vision_ft.data.bad_images import unreadable_images
 from vision_ft.errors import VisionFTError
 from vision_ft.evaluation.run_evaluation import SplitPredictions, evaluate_test, load_decision_rule
+from vision_ft.inference import eval_loader, infer
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.run_model import default_device, load_run
-from vision_ft.train import predict_logits
 
 
 def evaluate_run(
@@ -44,26 +41,26 @@ def evaluate_run(
         if not index.presplit or split not in index.presplit:
             raise VisionFTError(f"{data} has no '{split}' split folder; drop --split to evaluate every image")
         samples = index.presplit[split]
-    pixels = policy_from_config(cfg.data)
-    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers), pixels=pixels)
-    if bad and not skip_bad_images:
+    bad = unreadable_images([s.path for s in samples], cfg.data.workers, skip_bad_images, str(data),
+                            cfg.data.max_pixels)
+    samples = [s for s in samples if s.path not in bad]
+    loader = eval_loader(samples, cfg, loaded.mean, loaded.std, batch_size, workers)
+    outputs = infer(loaded.model, loader, progress="eval")
+    broken = int((~np.isfinite(outputs.logits).all(axis=1)).sum())
+    if broken:
         raise VisionFTError(
-            f"{len(bad)} unreadable images in {data}, e.g. {bad[0][0]} ({bad[0][1]}); remove them or pass --skip-bad-images"
+            f"the {checkpoint} checkpoint of {run_dir} gives non-finite outputs (NaN or inf) for {broken} of "
+            f"{len(outputs.logits)} images; its weights are damaged: restore the run folder or train it again"
         )
-    bad_paths = {p for p, _ in bad}
-    samples = [s for s in samples if s.path not in bad_paths]
-    dataset = ImageDataset(samples, build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size, pixels=pixels)
-    loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
-                          workers=cfg.data.workers if workers is None else workers)
-    logits, targets = predict_logits(loaded.model, loader, device=next(loaded.model.parameters()).device)
     if task.kind == "classification":
         rule = load_decision_rule(run_dir, loaded.class_names)  # the run's temperature and thresholds
-        metrics = task.evaluate(rule.probabilities(logits), targets)
-        predictions = SplitPredictions(logits, targets, [str(s.path) for s in samples])
+        metrics = task.evaluate(rule.probabilities(outputs.logits), outputs.labels)
+        predictions = SplitPredictions(outputs.logits, outputs.labels, [str(s.path) for s in samples])
         metrics.update(evaluate_test(rule, predictions, loaded.class_names, cfg.eval, seed=cfg.train.seed))
     else:
-        metrics = task.evaluate(task.scores(torch.from_numpy(logits)), targets)
+        scores = task.scores(torch.from_numpy(outputs.logits))
+        metrics = task.evaluate(scores, outputs.labels)
+        metrics["test_ci"] = task.intervals(scores, outputs.labels, None, cfg.eval, cfg.train.seed)
     metrics["data"] = str(data)
     metrics["skipped_unreadable"] = len(bad)
     return metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,20 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside its database (MLflow's own default is ./mlruns
+    in whatever folder the process runs in); a server keeps its own artifact root (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+
+
+def mlflow_name(name: str) -> str:
+    """'lr/conv1+bn1' -> 'lr_conv1_bn1': MLflow metric names allow letters, digits and _ - . : / and
+    spaces; layer-group names join modules with '+'."""
+    return re.sub(r"[^A-Za-z0-9_\-. :]", "_", name.replace("/", "_"))
+
+
 class MLflowLog(TrainingCallback):
     """Params (the resolved config), per-epoch metrics and, at the end, the run folder's files."""
 
@@ -121,7 +136,7 @@ class MLflowLog(TrainingCallback):
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
-            artifacts = None if config.logging.mlflow_tracking_uri else (Path("mlruns") / "artifacts").resolve().as_uri()
+            artifacts = local_artifact_root(uri)
             experiment_id = self.client.create_experiment(config.logging.mlflow_experiment, artifact_location=artifacts)
         created = self.client.create_run(experiment_id, run_name=run.root.name,
                                          tags={"vision_ft.run_folder": str(run.root.resolve())})
@@ -136,7 +151,7 @@ class MLflowLog(TrainingCallback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name.replace("/", "_"), value, now, step) for name, value in values.items()]
+        metrics = [Metric(mlflow_name(name), value, now, step) for name, value in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def on_epoch_end(self, epoch: int, row: dict[str, Any], learning_rates: dict[str, float]) -> None:

@@ -1,6 +1,7 @@
 """`vision-ft export RUN`: a verified, self-describing ONNX model of a trained run.
 
-Steps: rebuild the run's model (best checkpoint), merge LoRA adapters into their layers, export
+Steps (`export_model`, for a model in memory; `export_run` first rebuilds a run's best
+checkpoint): copy the model, merge LoRA adapters into their layers, export
 in eval mode with a dynamic batch axis, attach the metadata of `vision_ft.onnx_metadata`, run
 `onnx.checker`, then verify onnxruntime against torch on the run's validation images. The file
 only appears under its final name after every step passed.
@@ -19,6 +20,7 @@ onnxruntime reads opset 20 since 1.17 (vision-ft requires 1.18). The exporter ne
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 import vision_ft
+from vision_ft.config import Config
 from vision_ft.data.decode import load_image
 from vision_ft.data.discover import Sample
 from vision_ft.data.pixel_policy import PixelPolicy, policy_from_config
@@ -42,10 +45,13 @@ from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.finetune.lora import lora_modules, merge_lora
+from vision_ft.heatmaps.cam import CAM_OUTPUT
+from vision_ft.heatmaps.cam_export import cam_classifier_for, check_cam_export
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
-from vision_ft.run_model import LoadedRun, load_run
+from vision_ft.run_model import is_anomaly_run, load_run
 from vision_ft.runtime import OnnxClassifier, open_session
+from vision_ft.tasks.base import Task
 from vision_ft.tasks.postprocess import task_summary
 
 OPSET = 20
@@ -77,6 +83,15 @@ class Verification:
 
 
 @dataclass(frozen=True)
+class ExportChecks:
+    """How an export is made and verified (the `vision-ft export` options)."""
+
+    tolerance: float = TOLERANCE  # largest |onnxruntime - torch| logit difference, see TOLERANCE
+    verify_count: int = VERIFY_IMAGES  # validation images compared
+    opset: int = OPSET
+
+
+@dataclass(frozen=True)
 class ExportResult:
     path: Path
     verification: Verification
@@ -97,8 +112,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset: int = OPSET,
-            output_name: str = "logits") -> onnx.ModelProto:
-    """Export an eval-mode model to ONNX with input 'image' (N x C x H x W) and output `output_name` (N x outputs).
+            output_names: tuple[str, ...] = ("logits",)) -> onnx.ModelProto:
+    """Export an eval-mode model to ONNX with input 'image' (N x C x H x W) and outputs named
+    `output_names` (a classifier's 'logits', N x classes; see the task's `onnx_output_name`).
 
     The batch axis is dynamic; the example batch has 2 images because torch.export treats a
     size of 1 as a constant.
@@ -116,7 +132,7 @@ def to_onnx(model: nn.Module, channels: int, input_size: tuple[int, int], opset:
         try:
             program = torch.onnx.export(
                 model, (example,), dynamo=True, opset_version=opset, input_names=["image"],
-                output_names=[output_name], dynamic_shapes=({0: batch},), verbose=False,
+                output_names=list(output_names), dynamic_shapes=({0: batch},), verbose=False,
             )
         except Exception as exc:  # noqa: BLE001 - torch.export raises many types for unsupported code
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -156,40 +172,41 @@ def save_checked(proto: onnx.ModelProto, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def run_metadata(loaded: LoadedRun) -> ModelMetadata:
-    """The metadata describing a loaded run's model and preprocessing."""
-    cfg = loaded.config
-    _, splits = load_split(loaded.run.split)
+def model_metadata(config: Config, class_names: list[str], mean: list[float], std: list[float],
+                   splits: dict[str, list[Sample]], run_root: Path, task: Task | None = None) -> ModelMetadata:
+    """The metadata describing a model of `config`, its preprocessing (pixel policy included), what
+    its output means (`task`: multi-label thresholds, regression target statistics) and, for a
+    classifier, the decision rule (temperature, thresholds) saved in the run folder `run_root`."""
+    kind = task.kind if task is not None else "classification"
     return ModelMetadata(
-        class_names=list(loaded.class_names),
-        input_size=[cfg.data.image_size, cfg.data.image_size],
-        channels=cfg.data.channels,
-        mean=[float(v) for v in loaded.mean],
-        std=[float(v) for v in loaded.std],
-        backbone=cfg.model.name,
+        class_names=list(class_names),
+        input_size=[config.data.image_size, config.data.image_size],
+        channels=config.data.channels,
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
+        backbone=config.model.name,
         vision_ft_version=vision_ft.__version__,
         split_fingerprint=split_fingerprint(splits),
-        finetune_strategy=cfg.finetune.strategy,
-        **policy_from_config(cfg.data).settings(),
-        task=loaded.task.kind,
-        task_info=loaded.task.metadata(),
-        output_name=loaded.task.onnx_output_name,
-        decision=(load_decision_rule(loaded.run.root, list(loaded.class_names)).to_json(list(loaded.class_names))
-                  if loaded.task.kind == "classification" else {}),
+        finetune_strategy=config.finetune.strategy,
+        **policy_from_config(config.data).settings(),
+        task=kind,
+        task_info=task.metadata() if task is not None else {},
+        output_name=task.onnx_output_name if task is not None else "logits",
+        decision=(load_decision_rule(run_root, list(class_names)).to_json(list(class_names))
+                  if kind == "classification" else {}),
     )
 
 
-def verification_images(split_file: Path, count: int = VERIFY_IMAGES) -> tuple[str, list[Path]]:
+def verification_images(splits: dict[str, list[Sample]], count: int = VERIFY_IMAGES) -> tuple[str, list[Path]]:
     """(split name, up to `count` images) of the run's validation split (test, then train, when it
     is empty), taken round-robin over classes so every class is represented."""
-    _, splits = load_split(split_file)
     name = next((n for n in ("val", "test", "train") if splits.get(n)), "val")
     samples = splits.get(name, [])
     existing = [s for s in samples if s.path.is_file()]
     if not existing:
-        where = samples[0].path.parent.parent if samples else split_file
+        where = f"under {samples[0].path.parent.parent}" if samples else "listed in the run's split.json"
         raise VisionFTError(
-            f"cannot verify the export: the run's images (e.g. under {where}) are missing; restore the data folder "
+            f"cannot verify the export: the run's images ({where}) are missing; restore the data folder "
             "the run was trained on"
         )
     by_class: dict[int, list[Sample]] = {}
@@ -210,7 +227,7 @@ def torch_logits(model: nn.Module, images: list[Path], metadata: ModelMetadata) 
     transform = build_transforms([], metadata.mean, metadata.std, train=False)
     size = tuple(metadata.input_size)
     pixels = PixelPolicy.from_settings(metadata.intensity, metadata.dicom_window, metadata.dicom_frame)
-    batch = torch.stack([transform(image=load_image(p, metadata.channels, size, pixels))["image"] for p in images])
+    batch = torch.stack([transform(image=load_image(p, metadata.channels, size, pixels=pixels))["image"] for p in images])
     return model(batch).float().numpy()
 
 
@@ -245,41 +262,60 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
-def export_run(
-    run_dir: Path,
-    out: Path | None = None,
-    force: bool = False,
-    tolerance: float = TOLERANCE,
-    verify_count: int = VERIFY_IMAGES,
-    opset: int = OPSET,
-    echo: Callable[[str], None] = log.info,
-) -> ExportResult:
-    """Export a run's best checkpoint to a verified ONNX file (default RUN/model.onnx).
-
-    Raises:
-        VisionFTError: the destination exists without `force`, the exporter fails, onnx.checker
-        fails, or onnxruntime and torch differ by more than `tolerance`. No file is left at
-        `out` in any of those cases.
-    """
-    started = time.perf_counter()
-    out = Path(out) if out is not None else open_run_folder(run_dir).onnx
-    _check_destination(out, force)  # before the slow model load, so a refusal is immediate
-    loaded = load_run(run_dir)
-    split_name, images = verification_images(loaded.run.split, verify_count)
-    # The task's head: a sigmoid (multi-label) or the de-standardisation (regression) ends the graph.
-    model = loaded.task.export_head(merge_adapters(loaded.model).float().eval())
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A CPU float32 copy of `model` in eval mode with LoRA merged and nothing requiring grad;
+    the caller's model (perhaps still training, perhaps on a GPU) is left as it was."""
+    model = merge_adapters(copy.deepcopy(model).cpu()).float().eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    metadata = run_metadata(loaded)
+    return model
 
+
+def export_model(
+    model: nn.Module,
+    metadata: ModelMetadata,
+    splits: dict[str, list[Sample]],
+    out: Path,
+    force: bool = False,
+    echo: Callable[[str], None] = log.info,
+    checks: ExportChecks = ExportChecks(),
+    config: Config | None = None,
+    task: Task | None = None,
+) -> ExportResult:
+    """Export `model` (left unchanged) to a verified ONNX file `out`, checked on images of `splits`.
+
+    The run's `task` ends the graph with its head (multi-label: a sigmoid; regression: the
+    targets' de-standardisation). With the run's `config`, a pooling + linear classifier also
+    gets the class-activation-map output (`export.cam`), so apps draw heatmaps without torch.
+
+    Raises:
+        VisionFTError: `out` exists without `force`, the exporter fails, onnx.checker fails, or
+        onnxruntime and torch differ by more than `tolerance`. No file is left at `out` in any
+        of those cases.
+    """
+    tolerance, verify_count, opset = checks.tolerance, checks.verify_count, checks.opset
+    started = time.perf_counter()
+    _check_destination(out, force)
+    split_name, images = verification_images(splits, verify_count)
+    model = frozen_copy(model)
+    if task is not None:
+        model = task.export_head(model)
+    classifier = task is None or task.kind == "classification"
+    cam_model = cam_classifier_for(model, config) if config is not None and classifier else None
+    if cam_model is not None:
+        metadata = replace(metadata, extra={**metadata.extra, "cam_output": CAM_OUTPUT})
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     try:
-        proto = to_onnx(model, metadata.channels, tuple(metadata.input_size), opset, metadata.output_name)
+        outputs = (metadata.output_name, CAM_OUTPUT) if cam_model is not None else (metadata.output_name,)
+        proto = to_onnx(cam_model or model, metadata.channels, tuple(metadata.input_size), opset, outputs)
         attach_metadata(proto, metadata)
         save_checked(proto, partial)
         check = verify(model, partial, images, tolerance)
         echo(f"onnxruntime vs torch on {check.images} {split_name} images: {check.summary()}")
+        if cam_model is not None:
+            cam_diff = check_cam_export(cam_model, partial, images, metadata, tolerance)
+            echo(f"class activation maps: max |onnxruntime - torch| {cam_diff:.2e}")
         if check.max_abs_diff > check.allowed:
             raise VisionFTError(
                 f"export check failed: onnxruntime and torch logits differ by up to {check.max_abs_diff:.2e} "
@@ -293,3 +329,34 @@ def export_run(
     finally:
         partial.unlink(missing_ok=True)
     return ExportResult(out, check, metadata, time.perf_counter() - started)
+
+
+def export_run(
+    run_dir: Path,
+    out: Path | None = None,
+    force: bool = False,
+    tolerance: float = TOLERANCE,
+    verify_count: int = VERIFY_IMAGES,
+    opset: int = OPSET,
+    echo: Callable[[str], None] = log.info,
+) -> ExportResult:
+    """Export a run's best checkpoint to a verified ONNX file (default RUN/model.onnx).
+
+    Raises:
+        VisionFTError: as `export_model`.
+    """
+    if is_anomaly_run(run_dir):
+        from vision_ft.anomaly.export import export_anomaly_run
+
+        return export_anomaly_run(run_dir, out, force=force, echo=echo, opset=opset,
+                                  **({} if tolerance == TOLERANCE else {"tolerance": tolerance}))
+    started = time.perf_counter()
+    out = Path(out) if out is not None else open_run_folder(run_dir).onnx
+    _check_destination(out, force)  # before the slow model load, so a refusal is immediate
+    loaded = load_run(run_dir)
+    _, splits = load_split(loaded.run.split)
+    metadata = model_metadata(loaded.config, loaded.class_names, loaded.mean, loaded.std, splits, loaded.run.root,
+                              loaded.task)
+    result = export_model(loaded.model, metadata, splits, out, force, echo, ExportChecks(tolerance, verify_count, opset),
+                          loaded.config, loaded.task)
+    return replace(result, seconds=time.perf_counter() - started)

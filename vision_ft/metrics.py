@@ -16,7 +16,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+# Balanced accuracy and macro metrics lead: on imbalanced data plain accuracy rewards
+# predicting the majority class.
+SUMMARY_KEYS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
 # Multi-label and regression summaries (vision_ft.tasks); absent keys are skipped.
 _OTHER_TASK_KEYS = ("macro_auroc", "map", "micro_auroc", "micro_f1", "rmse", "mae", "r2", "pearson", "spearman")
 

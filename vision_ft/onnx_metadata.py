@@ -23,6 +23,8 @@ values in the targets' units (N x targets). ``class_names`` names the classes, l
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Mapping
 
@@ -38,6 +40,8 @@ FORMAT_KEY = PREFIX + "format"
 RESIZE_POLICY = "pil_bilinear"
 CROP_POLICY = "none"
 DECODE_POLICY = 1  # the policy documented in vision_ft.data.decode
+# What the output means (see the module docstring); anomaly models are vision_ft.anomaly's.
+TASKS = ("classification", "multilabel", "regression", "anomaly")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class ModelMetadata:
     intensity: str = "auto"
     dicom_window: Any = "file"
     dicom_frame: int | None = None
-    task: str = "classification"  # classification | multilabel | regression
+    task: str = "classification"  # one of TASKS
     task_info: dict[str, Any] = field(default_factory=dict)  # multilabel: thresholds; regression: target statistics
     # Temperature and operating thresholds chosen on validation (vision_ft.decision.DecisionRule
     # as JSON, by class name); empty: plain softmax and argmax. Classification only.
@@ -116,35 +120,69 @@ class ModelMetadata:
         return metadata
 
     def check(self, source: str) -> None:
-        """Raise VisionFTError when the fields are inconsistent or ask for preprocessing we lack."""
-        problems = []
-        if not self.class_names or not all(isinstance(n, str) for n in self.class_names):
-            problems.append("class_names must be a non-empty list of strings")
-        if len(self.input_size) != 2 or not all(isinstance(v, int) and v > 0 for v in self.input_size):
-            problems.append(f"input_size {self.input_size} must be [height, width]")
-        if self.task not in ("classification", "multilabel", "regression"):
-            problems.append(f"task {self.task!r} is not classification, multilabel or regression")
-        thresholds = self.task_info.get("thresholds") if isinstance(self.task_info, dict) else None
-        if self.task == "multilabel" and (not isinstance(thresholds, list) or len(thresholds) != len(self.class_names)):
-            problems.append("a multilabel model needs one threshold per label in task_info")
-        if self.channels not in (1, 3):
-            problems.append(f"channels {self.channels} must be 1 or 3")
-        if len(self.mean) != self.channels or len(self.std) != self.channels or any(s <= 0 for s in self.std):
-            problems.append(f"mean {self.mean} / std {self.std} must have {self.channels} values, std > 0")
+        """Raise VisionFTError when the fields are inconsistent or ask for preprocessing we lack.
+
+        Types are checked before values: metadata is read from a file anyone can edit, and a
+        string where a number belongs must end in this one line, not in a TypeError later.
+        """
+        problem = _first_problem(self)
         temperature = self.decision.get("temperature", 1.0) if isinstance(self.decision, dict) else None
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            problems.append(f"decision {self.decision} must be a mapping with a positive temperature")
-        elif any(name not in self.class_names for name in
-                 [self.decision.get("positive_class") or self.class_names[0], *(self.decision.get("class_thresholds") or {})]):
-            problems.append(f"decision {self.decision} names a class that is not in class_names")
-        if problems:
-            raise VisionFTError(f"{source}: bad vision-ft metadata ({problems[0]}); export the model again")
+        if problem is None and (not _is_number(temperature) or temperature <= 0):
+            problem = f"decision {_short(self.decision)} must be a mapping with a positive temperature"
+        elif problem is None and any(name not in self.class_names for name in
+                                     [self.decision.get("positive_class") or self.class_names[0],
+                                      *(self.decision.get("class_thresholds") or {})]):
+            problem = f"decision {_short(self.decision)} names a class that is not in class_names"
+        if problem:
+            raise VisionFTError(f"{source}: bad vision-ft metadata ({problem}); export the model again")
         policy = (self.resize, self.crop, self.decode_policy)
         if policy != (RESIZE_POLICY, CROP_POLICY, DECODE_POLICY):
             raise VisionFTError(
                 f"{source} needs preprocessing resize={self.resize}, crop={self.crop}, decode policy "
                 f"{self.decode_policy}, which this vision-ft does not implement; upgrade vision-ft"
             )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _first_problem(meta: ModelMetadata) -> str | None:
+    """What is wrong with `meta`'s fields, shortest first; None when all are usable."""
+    names = meta.class_names
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        return "class_names must be a non-empty list of non-empty strings"
+    if len(set(names)) != len(names):
+        return "class_names has duplicates"
+    if not isinstance(meta.input_size, list) or len(meta.input_size) != 2 or not all(map(_is_count, meta.input_size)):
+        return f"input_size {_short(meta.input_size)} must be [height, width], two positive integers"
+    if meta.channels not in (1, 3) or isinstance(meta.channels, bool):
+        return f"channels {_short(meta.channels)} must be 1 or 3"
+    for name in ("mean", "std"):
+        values = getattr(meta, name)
+        if not isinstance(values, list) or len(values) != meta.channels or not all(map(_is_number, values)):
+            return f"{name} {_short(values)} must be {meta.channels} finite numbers"
+    if any(s <= 0 for s in meta.std):
+        return f"std {meta.std} must be positive"
+    for name in ("input_name", "output_name", "backbone"):
+        if not isinstance(getattr(meta, name), str):
+            return f"{name} must be a string"
+    if meta.task not in TASKS:
+        return f"task {_short(meta.task)} is not one of {', '.join(TASKS)}"
+    thresholds = meta.task_info.get("thresholds") if isinstance(meta.task_info, dict) else None
+    if meta.task == "multilabel" and (not isinstance(thresholds, list) or len(thresholds) != len(names)
+                                      or not all(map(_is_number, thresholds))):
+        return "a multilabel model needs one numeric threshold per label in task_info"
+    return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def write_metadata(proto: Any, metadata: ModelMetadata, description: str | None = None) -> None:

@@ -36,7 +36,7 @@ from onnxruntime.quantization import (
 )
 
 from vision_ft.data.discover import Sample
-from vision_ft.data.split import load_split
+from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import read_metadata, write_metadata
 from vision_ft.run_folder import open_run_folder
@@ -158,6 +158,23 @@ def compare_models(fp32: OnnxClassifier, int8: OnnxClassifier, samples: list[Sam
             images_per_second(fp32, batch), images_per_second(int8, batch))
 
 
+def check_model_belongs_to_run(model_path: Path, class_names: list[str], splits: dict[str, list[Sample]],
+                               run_root: Path) -> None:
+    """Refuse a model exported from another run: its accuracy on this run's labels would mean nothing."""
+    metadata = load_model(model_path).metadata
+    if metadata.class_names != class_names:
+        raise VisionFTError(
+            f"{model_path} classifies {len(metadata.class_names)} classes ({', '.join(metadata.class_names[:4])}"
+            f"{', …' if len(metadata.class_names) > 4 else ''}) but run {run_root} has {len(class_names)} "
+            f"({', '.join(class_names[:4])}{', …' if len(class_names) > 4 else ''}); pass the model of this run"
+        )
+    if metadata.split_fingerprint != split_fingerprint(splits):
+        raise VisionFTError(
+            f"{model_path} was trained on another split than run {run_root} (fingerprint "
+            f"{metadata.split_fingerprint} vs {split_fingerprint(splits)}); pass the model of this run, or the run it came from"
+        )
+
+
 def int8_path(onnx_path: Path) -> Path:
     """Where the INT8 version of a model goes by default: model.onnx -> model.int8.onnx."""
     return onnx_path.with_name(onnx_path.stem + ".int8.onnx")
@@ -196,7 +213,8 @@ def quantize_run(
     if load_model(source).task != "classification":
         raise VisionFTError(f"{source} is a {load_model(source).task} model; INT8 quantization measures top-1 accuracy "
                             "and supports classification models only")
-    _, splits = load_split(run.split)
+    class_names, splits = load_split(run.split)
+    check_model_belongs_to_run(source, class_names, splits, run.root)
     calibration = [s.path for s in spread_over_classes(splits["train"], calibration_count) if s.path.is_file()]
     test_split = "test" if splits.get("test") else "val"
     test = [s for s in splits.get(test_split, []) if s.path.is_file()]

@@ -1,26 +1,19 @@
-"""Predictions of a trained run's torch model on files, folders, arrays or Pillow images
-(`Run.predict` and `vision-ft predict RUN`)."""
+"""Scores of a trained run's torch model for files, folders, arrays or Pillow images
+(`Run.predict_proba`, `Run.predict` and `vision-ft predict RUN`), through `inference.infer`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample
-from vision_ft.data.loaders import build_loader
-from vision_ft.data.pixel_policy import policy_from_config
-from vision_ft.data.transforms import build_transforms
+from vision_ft.evaluation.run_evaluation import load_decision_rule
+from vision_ft.inference import eval_loader, infer
 from vision_ft.predict import collect_images
 from vision_ft.run_model import LoadedRun
-from vision_ft.decision import DecisionRule
-from vision_ft.evaluation.run_evaluation import load_decision_rule
-from vision_ft.runtime import Prediction, check_threshold, predictions_from_scores
-from vision_ft.train import predict_logits
 
 
 def image_sources(images: Any) -> list[Any]:
@@ -32,38 +25,18 @@ def image_sources(images: Any) -> list[Any]:
 
 def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None = None) -> np.ndarray:
     """Scores (N x outputs) of `loaded.model` for `images`, decoded as in training: softmax
-    probabilities, per-label sigmoid probabilities or values in the targets' units, by task."""
+    probabilities (with the run's temperature), per-label sigmoid probabilities or values in the
+    targets' units, by the run's task."""
     sources = image_sources(images)
     if not sources:
         return np.zeros((0, len(loaded.class_names)), dtype=np.float32)
-    device = next(loaded.model.parameters()).device
-    cfg = loaded.config
-    # ImageDataset decodes with load_image, which takes paths, arrays and Pillow images alike.
-    dataset = ImageDataset([Sample(source, 0) for source in sources],
-                           build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size, pixels=policy_from_config(cfg.data))
     files_only = all(isinstance(source, Path) for source in sources)
+    # ImageDataset decodes with load_image, which takes paths, arrays and Pillow images alike.
     # Worker processes would pickle in-memory images for nothing; files are decoded in parallel.
-    loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False,
-                          workers=cfg.data.workers if files_only else 0)
-    logits, _ = predict_logits(loaded.model, loader, device)
+    loader = eval_loader([Sample(source, 0) for source in sources], loaded.config, loaded.mean, loaded.std,
+                         batch_size, workers=None if files_only else 0)
+    logits = infer(loaded.model, loader, progress="predict").logits
     if loaded.task.kind != "classification":
         return loaded.task.scores(torch.from_numpy(logits))
     # The run's temperature (decision.json), through the same numpy function as the ONNX runtime.
     return load_decision_rule(loaded.run.root, loaded.class_names).probabilities(logits)
-
-
-def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None,
-                rule: DecisionRule | None = None, task: Any = None) -> list[Prediction]:
-    """A Prediction per row of `probs`, labelled by `rule` (the run's operating thresholds); below
-    `threshold` the label is UNCERTAIN (as the ONNX runtime does). With a multi-label or
-    regression `task`, rows become label sets or values."""
-    if task is not None and task.kind != "classification":
-        return predictions_from_scores(probs, class_names, task.kind, task.metadata().get("thresholds"), threshold)
-    check_threshold(threshold)
-    labels = (rule or DecisionRule()).labels(probs, list(class_names), reject_below=threshold)
-    result = []
-    for row, label in zip(probs, labels):
-        best = int(np.argmax(row))
-        result.append(Prediction(label, float(row[best]), class_names[best], row))
-    return result

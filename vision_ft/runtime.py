@@ -25,12 +25,15 @@ import onnxruntime as ort
 
 from vision_ft.data.decode import ImageSource, load_image
 from vision_ft.data.pixel_policy import PixelPolicy
-from vision_ft.decision import DecisionRule
+from vision_ft.decision import UNCERTAIN, DecisionRule
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
 from vision_ft.tasks.postprocess import label_sets, onnx_outputs_to_scores, prediction_table, softmax  # noqa: F401
 
-UNCERTAIN = "uncertain"
+# The label of an image the model gave no usable answer for (non-finite outputs, an unreadable
+# file skipped on request); `Prediction.error` says why. Never one of the class names.
+ERROR = "error"
+NON_FINITE = "the model's output is not finite (NaN or inf): its weights are damaged or it overflowed on this image"
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -41,13 +44,15 @@ class Prediction:
     classification: `label` is the most likely class, or `UNCERTAIN` when `score` fell below the
     threshold. multilabel: `labels` is the set of labels at or above their thresholds, `label`
     the same joined by ";", `probabilities` one per label. regression: `values`, one per target
-    in the targets' units (`label` and `score` are empty).
+    in the targets' units (`label` and `score` are empty). Any task: `label` is `ERROR` (with
+    `error` saying why) when the model's outputs for the image are not finite numbers.
     """
 
     label: str
-    score: float  # probability of the most likely class (multilabel: of the most likely label)
-    top_class: str  # the most likely class, also when the label is UNCERTAIN
+    score: float  # probability of the most likely class or label (NaN with ERROR and for regression)
+    top_class: str  # the most likely class, also when the label is UNCERTAIN ("" with ERROR)
     probabilities: np.ndarray  # one per class or label, in `OnnxClassifier.class_names` order
+    error: str | None = None
     labels: frozenset[str] = frozenset()  # multilabel: the labels above their thresholds
     values: np.ndarray | None = None  # regression: one value per target
 
@@ -130,6 +135,14 @@ class OnnxClassifier:
             raise VisionFTError(
                 f"{self.source}: input shape {shape} does not match its metadata (N x {expected}); export the model again"
             )
+        output_shape = next(o.shape for o in self.session.get_outputs() if o.name == meta.output_name)
+        classes = output_shape[-1] if output_shape else None
+        if isinstance(classes, int) and classes != len(meta.class_names):
+            # Checked here and not per call: a mismatch would label images with the wrong names.
+            raise VisionFTError(
+                f"{self.source}: the graph outputs {classes} scores but its metadata names {len(meta.class_names)} "
+                "classes; export the model again"
+            )
 
     @property
     def class_names(self) -> list[str]:
@@ -155,7 +168,7 @@ class OnnxClassifier:
         meta = self.metadata
 
         def decode(source: ImageSource) -> np.ndarray:
-            return load_image(source, meta.channels, self.input_size, self.pixels)
+            return load_image(source, meta.channels, self.input_size, pixels=self.pixels)
 
         if len(images) == 1 or self.decode_workers <= 1:
             return [decode(source) for source in images]
@@ -172,7 +185,33 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs (N x outputs) for a preprocessed batch: logits, sigmoid probabilities or values."""
         meta = self.metadata
-        return self.session.run([meta.output_name], {meta.input_name: batch})[0]
+        logits = self.session.run([meta.output_name], {meta.input_name: batch})[0]
+        if logits.ndim != 2 or logits.shape[1] != len(meta.class_names):
+            raise VisionFTError(
+                f"{self.source}: the graph returned scores of shape {logits.shape} for {len(meta.class_names)} "
+                "classes in its metadata; export the model again"
+            )
+        return logits
+
+    def probabilities_and_maps(self, images: Sequence[ImageSource], batch_size: int = DEFAULT_BATCH_SIZE,
+                               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(probabilities N x classes, each image's class activation map for its top class, h x w)
+        of a model exported with a 'cam' output (CNN classifiers with a pooling + linear head)."""
+        meta = self.metadata
+        cam_output = meta.extra.get("cam_output")
+        if not cam_output:
+            raise VisionFTError(f"{self.source} has no class-activation-map output; export the run again "
+                                "(CNN classifiers with a pooling + linear head get one), or draw heatmaps from the run folder")
+        probs, maps = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start:start + batch_size])
+            logits, cams = self.session.run([meta.output_name, cam_output], {meta.input_name: self.preprocess(chunk)})
+            batch_probs = softmax(logits)
+            probs.append(batch_probs)
+            maps.extend(cams[np.arange(len(cams)), batch_probs.argmax(1)])
+            if progress is not None:
+                progress(len(chunk))
+        return (np.concatenate(probs) if probs else np.zeros((0, len(meta.class_names)))), maps
 
     def predict_proba(
         self,
@@ -214,17 +253,8 @@ class OnnxClassifier:
         """A Prediction per image, labelled by the model's decision rule (its operating thresholds, see
         `vision_ft.decision`); below `threshold` the label is `UNCERTAIN` (for manual inspection).
         Multi-label models return label sets, regressors values (see `Prediction`)."""
-        check_threshold(threshold)
-        names = self.class_names
-        probabilities = self.predict_proba(images, batch_size)
-        if self.task != "classification":
-            return predictions_from_scores(probabilities, names, self.task, self.thresholds, threshold)
-        labels = self.rule.labels(probabilities, names, reject_below=threshold)
-        predictions = []
-        for probs, label in zip(probabilities, labels):
-            best = int(np.argmax(probs))
-            predictions.append(Prediction(label, float(probs[best]), names[best], probs))
-        return predictions
+        return predictions(self.predict_proba(images, batch_size), self.class_names, threshold, self.rule,
+                           self.task, self.thresholds)
 
     def prediction_table(self, paths: Sequence[Path | str], scores: np.ndarray, top_k: int = 3) -> tuple[list[str], list[list[str]]]:
         """CSV header and rows for `scores` of `paths`, as `vision-ft predict` writes them (multilabel, regression)."""
@@ -254,6 +284,10 @@ def load_model(
     """
     session = open_session(path, threads, providers)
     metadata = ModelMetadata.from_properties(session.get_modelmeta().custom_metadata_map, str(path))
+    if metadata.task == "anomaly" or metadata.extra.get("task") == "anomaly":
+        from vision_ft.anomaly.runtime import OnnxAnomalyDetector
+
+        return OnnxAnomalyDetector(session, metadata, str(path), decode_workers)
     return OnnxClassifier(session, metadata, str(path), decode_workers)
 
 
@@ -283,10 +317,36 @@ def check_threshold(threshold: float | None) -> None:
         raise VisionFTError(f"threshold {threshold} is not a probability; use a value in (0, 1], e.g. 0.8")
 
 
-def mark_uncertain(rows: list[list[str]], threshold: float | None) -> list[list[str]]:
-    """Prediction CSV rows (path, label, score, top-k...) with `label` set to UNCERTAIN where the
-    top-1 `score` is below `threshold`; the top-k columns keep the model's ranking."""
+def mark_uncertain(probs: np.ndarray, class_names: Sequence[str], threshold: float | None,
+                   rule: DecisionRule | None = None) -> list[str]:
+    """The label of each row of `probs` (N x classes) by `rule` (default: the most likely class),
+    or UNCERTAIN where the decided class's probability is below `threshold` (None: never)."""
     check_threshold(threshold)
-    if threshold is None:
-        return rows
-    return [[row[0], UNCERTAIN, *row[2:]] if float(row[2]) < threshold else row for row in rows]
+    return (rule or DecisionRule()).labels(np.asarray(probs), list(class_names), reject_below=threshold)
+
+
+def predictions(probs: np.ndarray, class_names: Sequence[str], threshold: float | None = None,
+                rule: DecisionRule | None = None, task: str = "classification",
+                thresholds: Sequence[float] | None = None) -> list[Prediction]:
+    """A Prediction per row of `probs` (a task's scores, see `Prediction`): classes labelled as
+    `mark_uncertain` says, label sets above the per-label `thresholds`, or regression values.
+    The ONNX runtime and a run folder's torch model (`vision_ft.load_run(...).predict`) share it."""
+    probs = np.asarray(probs)
+    names = list(class_names)
+    finite = np.isfinite(probs).all(axis=1) if probs.size else np.zeros(len(probs), dtype=bool)
+    if task == "regression":
+        check_threshold(threshold)
+        answers = [Prediction("", float("nan"), "", row, values=row) for row in probs]
+    elif task == "multilabel":
+        check_threshold(threshold)
+        sets = label_sets(probs, names, thresholds if thresholds is not None else [0.5] * len(names))
+        answers = [Prediction(";".join(s), float(row.max()), names[int(np.argmax(row))], row, labels=frozenset(s))
+                   for s, row in zip(sets, probs)]
+    else:
+        labels = mark_uncertain(probs, names, threshold, rule)
+        best = probs.argmax(axis=1) if probs.size else []
+        answers = [Prediction(label, float(row[index]), names[index], row)
+                   for row, index, label in zip(probs, best, labels)]
+    # NaN never becomes a label, nor passes a threshold
+    return [answer if ok else Prediction(ERROR, float("nan"), "", row, NON_FINITE)
+            for answer, ok, row in zip(answers, finite, probs)]

@@ -136,7 +136,7 @@ def test_corrupt_and_truncated_files(tmp_path):
         with pytest.raises(VisionFTError) as caught:
             load_image(path)
         message = str(caught.value)
-        assert str(path) in message and "--skip-bad-images" in message and "\n" not in message
+        assert str(path) in message and "remove or replace the file" in message and "\n" not in message
 
 
 def test_truncated_real_jpeg(neu_det, tmp_path):

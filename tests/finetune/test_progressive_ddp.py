@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -61,15 +58,11 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @needs_neu
-def test_two_process_ddp_run_unfreezes_groups_mid_run(tmp_path):
+def test_two_process_ddp_run_unfreezes_groups_mid_run(tmp_path, torchrun):
     data = copy_neu_subset(tmp_path / "data", ("crazing", "inclusion"), 20)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vision_ft.cli", "train",
-           "--data", str(data), "--out", str(out), "--set", "train.epochs=3", "--set", "train.batch_size=8",
-           *PROGRESSIVE, *FAST]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("train", "--data", str(data), "--out", str(out), "--set", "train.epochs=3", "--set", "train.batch_size=8",
+             *PROGRESSIVE, *FAST)
 
     log = (out / "train.log").read_text()
     assert "epoch 1: progressive: training fc (1 of 6 layer groups)" in log

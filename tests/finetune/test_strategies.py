@@ -242,9 +242,10 @@ def test_resume_rebuilds_the_same_optimizer_groups_mid_schedule():
 
     resumed = make_model("resnet18")
     resumed_strategy = build_strategy(FinetuneConfig(**settings))
-    resumed_strategy.prepare(resumed)
+    resumed_strategy.adapt(resumed)
     resumed.load_state_dict(model.state_dict())
     resumed_strategy.load_state_dict(saved_strategy)
+    resumed_strategy.set_trainable(resumed, epoch=3)  # as training does: the last finished epoch
     resumed_optimizer = build_optimizer(resumed_strategy.param_groups(resumed, LR, WD), LR, WD, torch.device("cpu"))
     resumed_optimizer.load_state_dict(saved_optimizer)
 
@@ -312,19 +313,46 @@ def test_lora_adapter_file_holds_only_the_adapters():
     assert adapter["layer1.0.conv1.lora_a"].shape[0] == 4
 
 
-def test_lora_backend_comes_from_the_config_and_auto_leaves_the_env_var_in_charge(monkeypatch):
+def test_lora_backend_is_a_per_module_setting_and_auto_leaves_the_env_var_in_charge(monkeypatch):
     import vision_ft_kernels
+    from vision_ft.finetune.lora import LoRAConv2d, lora_modules
 
-    try:
-        prepared("resnet18", strategy="lora", lora=LoRAConfig(backend="torch"))
-        assert vision_ft_kernels.requested_lora_backend() == "torch"
-        monkeypatch.setenv("VISION_FT_LORA_BACKEND", "torch")
-        prepared("resnet18", strategy="lora", lora=LoRAConfig(backend="auto"))
-        assert vision_ft_kernels.requested_lora_backend() == "torch"
-        monkeypatch.setenv("VISION_FT_LORA_BACKEND", "auto")
-        assert vision_ft_kernels.requested_lora_backend() == "auto"
-    finally:
-        vision_ft_kernels.set_lora_backend(None)
+    def conv_backends(model: nn.Module) -> set:
+        return {m.backend for _, m in lora_modules(model) if isinstance(m, LoRAConv2d)}
+
+    monkeypatch.setenv("VISION_FT_LORA_BACKEND", "auto")
+    torch_model, _, _ = prepared("resnet18", strategy="lora", lora=LoRAConfig(backend="torch"))
+    assert conv_backends(torch_model) == {"torch"}
+    auto_model, _, _ = prepared("resnet18", strategy="lora", lora=LoRAConfig(backend="auto"))
+    assert conv_backends(auto_model) == {None}  # the one default decides, per call
+    assert conv_backends(torch_model) == {"torch"}  # building another model changed nothing process-wide
+    assert vision_ft_kernels.requested_lora_backend() == "auto"
+    monkeypatch.setenv("VISION_FT_LORA_BACKEND", "torch")
+    assert vision_ft_kernels.requested_lora_backend() == "torch"
+    assert not hasattr(vision_ft_kernels, "set_lora_backend")
+
+
+def test_loading_a_run_only_adapts_the_architecture():
+    """adapt() injects the adapters and leaves requires_grad alone; set_trainable() chooses what trains."""
+    strategy = build_strategy(FinetuneConfig(strategy="lora", lora=LoRAConfig(r=4)))
+    model = make_model("resnet18")
+    strategy.adapt(model)
+    adapters = {n for n, _ in model.named_parameters() if n.endswith(("lora_a", "lora_b"))}
+    assert adapters and all(p.requires_grad for n, p in model.named_parameters() if n in adapters)
+    assert model.get_submodule("layer1.0.conv1").weight.requires_grad is False  # wrapped W is frozen
+    assert model.fc.weight.requires_grad and model.layer1[0].bn1.weight.requires_grad  # untouched by adapt
+    strategy.set_trainable(model, epoch=1)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains == adapters | {"fc.weight", "fc.bias"}
+
+
+def test_progressive_set_trainable_follows_the_schedule():
+    strategy = build_strategy(FinetuneConfig(strategy="progressive", unfreeze_every=2))
+    model = make_model("resnet18")
+    strategy.adapt(model)
+    for epoch, groups in ((1, {5}), (2, {5}), (3, {4, 5}), (5, {3, 4, 5})):
+        strategy.set_trainable(model, epoch)
+        assert trainable_group_indices(model) == groups, epoch
 
 
 # ---------------------------------------------------------------- end to end on real images

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vision_ft_kernels.dispatch as dispatch
-from vision_ft_kernels import lora_conv2d, requested_lora_backend, resolve_lora_backend, set_lora_backend
+from vision_ft_kernels import lora_conv2d, requested_lora_backend, resolve_lora_backend
 from tests.kernels.reference import low_rank_grouped_lora_conv2d, reference_lora_conv2d
 import vision_ft_kernels.torch_lora_conv as torch_path
 from vision_ft_kernels.torch_lora_conv import torch_lora_conv2d
@@ -234,17 +234,14 @@ def test_shape_mismatch_is_a_clear_error():
 def clean_backend(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    set_lora_backend(None)
-    yield monkeypatch
-    set_lora_backend(None)
+    return monkeypatch
 
 
-def test_backend_precedence_argument_then_setter_then_env(clean_backend):
+def test_backend_precedence_argument_then_env(clean_backend):
     assert requested_lora_backend() == "auto"
     clean_backend.setenv(dispatch.ENV_VAR, "triton")
     assert requested_lora_backend() == "triton"
-    set_lora_backend("torch")
-    assert requested_lora_backend() == "torch"
+    assert requested_lora_backend("torch") == "torch"
     assert requested_lora_backend("auto") == "auto"
 
 
@@ -253,7 +250,7 @@ def test_unknown_backend_names_value_and_choices(clean_backend):
     with pytest.raises(ValueError, match=r"'cudnn'.*VISION_FT_LORA_BACKEND.*auto, torch, triton"):
         requested_lora_backend()
     with pytest.raises(ValueError, match="'fast'"):
-        set_lora_backend("fast")
+        requested_lora_backend("fast")
 
 
 def test_auto_on_cpu_is_torch_and_explicit_triton_on_cpu_is_an_error(clean_backend):

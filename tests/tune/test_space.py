@@ -79,8 +79,18 @@ SPACE = {"train.lr": {"log_uniform": [1e-5, 1e-3]}}
     ],
 )
 def test_bad_search_arguments_stop_before_any_trial(arguments, expected, tmp_path):
+    import numpy as np
+    from PIL import Image
+
     import vision_ft
 
+    data = tmp_path / "data"  # two classes of small images the test makes
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(np.full((24, 24), 40 * index, dtype=np.uint8)).save(data / name / f"{index}.png")
+    if arguments.get("data") == ".":
+        arguments = {**arguments, "data": data}
     out = tmp_path / "tune"
     with pytest.raises(VisionFTError) as error:
         vision_ft.tune(out=out, **arguments)

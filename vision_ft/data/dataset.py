@@ -7,10 +7,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from vision_ft.data.decode import load_image
+from vision_ft.data.decode import MAX_PIXELS, load_image
 from vision_ft.data.discover import Sample
+from vision_ft.data.loaders import mixed_seed, seed_process
 from vision_ft.data.pixel_policy import PixelPolicy
 from vision_ft.errors import VisionFTError
 
@@ -37,6 +38,7 @@ class ImageDataset(Dataset):
         channels: int,
         image_size: int,
         skip_bad: bool = False,
+        max_pixels: int = MAX_PIXELS,
         pixels: PixelPolicy | None = None,
     ) -> None:
         if channels not in (1, 3):
@@ -47,8 +49,10 @@ class ImageDataset(Dataset):
         self.channels = channels
         self.image_size = image_size
         self.skip_bad = skip_bad
+        self.max_pixels = max_pixels
         self.pixels = pixels
         self._bad: set[int] = set()  # per process: each worker learns on its own
+        self._epoch_seed: int | None = None  # per process, like _bad
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -59,22 +63,40 @@ class ImageDataset(Dataset):
         if callable(set_seed):
             set_seed(seed)
 
+    def reseed_for_epoch(self, epoch_seed: int) -> None:
+        """Reseed augmentation and global generators from (epoch seed, worker id), once per epoch."""
+        if epoch_seed == self._epoch_seed:
+            return
+        self._epoch_seed = epoch_seed
+        info = get_worker_info()
+        seed = mixed_seed(epoch_seed, info.id if info is not None else 0)
+        seed_process(seed)
+        self.seed_augmentation(seed)  # albumentations keeps its own generators, deaf to the global seeds
+
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
         if self.transform is None:
             return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
         return self.transform(image=image)["image"]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | np.ndarray]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int | np.ndarray]:
+        """Sample `key`: an index, or (epoch seed, index) from the training sampler (see loaders)."""
+        if isinstance(key, tuple):
+            self.reseed_for_epoch(key[0])
+            index = key[1]
+        else:
+            index = key
         for attempt in range(len(self.samples)):
             current = (index + attempt) % len(self.samples)
             if current in self._bad:
                 continue
             sample = self.samples[current]
             try:
-                image = load_image(sample.path, self.channels, self.image_size, self.pixels)
+                image = load_image(sample.path, self.channels, self.image_size, pixels=self.pixels,
+                                   max_pixels=self.max_pixels)
             except VisionFTError as exc:
                 if not self.skip_bad:
-                    raise
+                    # train, eval and predict, the commands reading through this class, all take the option.
+                    raise VisionFTError(f"{exc}, or pass --skip-bad-images") from None
                 self._bad.add(current)
                 log.warning("skipping unreadable image: %s", exc)
                 continue

@@ -29,6 +29,10 @@ model-metadata version):
 4. Channels: ``channels=3`` gives RGB (grayscale replicated into three channels);
    ``channels=1`` gives ``L`` (Pillow's ITU-R 601-2 luma for colour input). The array is always
    H x W x C, also for C == 1.
+0. Pixel limit: a file whose width x height passes ``max_pixels`` (default ``MAX_PIXELS``, the
+   ``data.max_pixels`` setting) is refused before decoding, except a JPEG, which is decoded at
+   1/2, 1/4 or 1/8 scale (Pillow's ``draft``, done inside the JPEG decoder at a fraction of the
+   memory) when that brings it under the limit. Images under the limit decode as below, unchanged.
 5. ``size`` (``int`` for a square, or ``(height, width)``) resizes the 8-bit image with Pillow's
    bilinear filter (which antialiases when shrinking), after steps 1-4. Training, evaluation and
    the runtime all resize here, so the model always sees pixels made the same way.
@@ -40,6 +44,8 @@ steps 2-5.
 
 from __future__ import annotations
 
+import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Union
@@ -57,6 +63,10 @@ ImageSource = Union[Path, str, Image.Image, np.ndarray]
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _TO_RGB_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV", "RGBX"})
 _WHITE = 255
+# 40 megapixels: above any camera or scanner image a classifier is trained on (a full-frame
+# 45 MP photo excepted, which as a JPEG is drafted to half size), and a quarter of Pillow's own
+# warning level. A 13000 x 13000 RGBA PNG (169 MP, 685 KB on disk) needed 3.2 GB to decode.
+MAX_PIXELS = 40_000_000
 
 
 class _DecodeFailure(Exception):
@@ -81,7 +91,23 @@ def _short_reason(exc: BaseException, fmt: str | None) -> str:
     return f"corrupt {kind}: {text[:80]}"
 
 
-def _open_decoded(path: Path, pixels: PixelPolicy | None = None) -> Image.Image:
+def _fit_pixel_limit(image: Image.Image, max_pixels: int) -> None:
+    """Draft a large JPEG down under `max_pixels`, or raise _DecodeFailure; only reads the header."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return
+    if image.format == "JPEG":
+        scale = math.ceil(math.sqrt(width * height / max_pixels))
+        image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+        if image.size[0] * image.size[1] <= max_pixels:
+            return
+    raise _DecodeFailure(
+        f"{width} x {height} pixels, more than the limit of {max_pixels} (data.max_pixels); shrink the image "
+        "or raise the limit"
+    )
+
+
+def _open_decoded(path: Path, pixels: PixelPolicy | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode (frame 0) and orient a file, or raise _DecodeFailure with a short reason."""
     if is_dicom_file(path):
         policy = pixels or PixelPolicy()
@@ -93,8 +119,13 @@ def _open_decoded(path: Path, pixels: PixelPolicy | None = None) -> Image.Image:
             raise _DecodeFailure(_short_reason(exc, "DICOM")) from None
     fmt = None
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns from 89 MP on; our own, lower limit (checked next) replaces the warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as image:
             fmt = image.format
+            _fit_pixel_limit(image, max_pixels)
             image.load()  # the full decode: a lazy open alone would miss a truncated file
             # Orient while the file is open: TIFF keeps its orientation tag in the file's header.
             # exif_transpose returns a new in-memory image either way, so closing the file is safe.
@@ -177,7 +208,9 @@ def load_image(
     source: ImageSource,
     channels: int = 3,
     size: int | tuple[int, int] | None = None,
+    *,
     pixels: PixelPolicy | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """Decode `source` into an H x W x `channels` uint8 array following the module's policy.
 
@@ -197,12 +230,12 @@ def load_image(
                 raise _DecodeFailure(_short_reason(exc, source.format)) from None
             image = _apply_exif_orientation(source)
         else:
-            image = _open_decoded(Path(source), pixels)
+            image = _open_decoded(Path(source), pixels, max_pixels)
         image = _to_8bit(image, pixels)
         image = image.convert("L" if channels == 1 else "RGB")
     except _DecodeFailure as failure:
         raise VisionFTError(
-            f"{_describe(source)}: cannot decode image ({failure}); remove it or pass --skip-bad-images"
+            f"{_describe(source)}: cannot decode image ({failure}); remove or replace the file"
         ) from None
     if size is not None:
         height, width = _target_size(size)
@@ -212,16 +245,17 @@ def load_image(
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def decode_problem(path: Path | str, pixels: PixelPolicy | None = None) -> str | None:
+def decode_problem(path: Path | str, pixels: PixelPolicy | None = None, max_pixels: int = MAX_PIXELS) -> str | None:
     """A short reason why `path` cannot be decoded, or None when it decodes cleanly."""
     try:
-        _to_8bit(_open_decoded(Path(path), pixels), pixels)
+        _to_8bit(_open_decoded(Path(path), pixels, max_pixels), pixels)
     except _DecodeFailure as failure:
         return str(failure)
     return None
 
 
-def find_bad_images(paths: list[Path], workers: int = 2, pixels: PixelPolicy | None = None) -> list[tuple[Path, str]]:
+def find_bad_images(paths: list[Path], workers: int = 2, pixels: PixelPolicy | None = None,
+                    max_pixels: int = MAX_PIXELS) -> list[tuple[Path, str]]:
     """(path, short reason) for every file that fails a full decode, in the order given.
 
     Threads suffice: Pillow releases the GIL while decoding.
@@ -229,8 +263,8 @@ def find_bad_images(paths: list[Path], workers: int = 2, pixels: PixelPolicy | N
     if not paths:
         return []
     if workers <= 1:
-        problems = [decode_problem(p, pixels) for p in paths]
+        problems = [decode_problem(p, pixels, max_pixels) for p in paths]
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            problems = list(pool.map(lambda p: decode_problem(p, pixels), paths, chunksize=32))
+            problems = list(pool.map(lambda p: decode_problem(p, pixels, max_pixels), paths, chunksize=32))
     return [(path, reason) for path, reason in zip(paths, problems) if reason is not None]

@@ -65,15 +65,19 @@ def _ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in _OS_JUNK
 
 
-def discover(source: Path | str) -> DatasetIndex:
-    """Index the images under `source`: a folder (ImageFolder or pre-split) or a CSV manifest."""
+def discover(source: Path | str, every_class_trains: bool = True) -> DatasetIndex:
+    """Index the images under `source`: a folder (ImageFolder or pre-split) or a CSV manifest.
+
+    `every_class_trains=False` (anomaly detection, which fits one class and only evaluates the
+    others) accepts a single class and classes absent from the train split.
+    """
     source = Path(source).expanduser()
     if not source.exists():
         raise VisionFTError(f"{source} does not exist; pass a folder of class folders or a CSV manifest")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise VisionFTError(f"{source} is a file but not a .csv manifest; pass a folder of class folders or a CSV file")
-        return _discover_csv(source.resolve())
+        return _discover_csv(source.resolve(), every_class_trains)
     root = source.resolve()
     subfolders = _subfolders(root)
     split_folders = [d for d in subfolders if d.name in SPLIT_NAMES]
@@ -84,19 +88,30 @@ def discover(source: Path | str) -> DatasetIndex:
                 f"{root} mixes split folders ({', '.join(d.name for d in split_folders)}) with other folders "
                 f"({', '.join(others[:5])}); use either root/<class>/ or root/{{train,val,test}}/<class>/"
             )
-        return _discover_presplit(root, split_folders)
-    return _discover_image_folder(root)
+        return _discover_presplit(root, split_folders, every_class_trains)
+    return _discover_image_folder(root, every_class_trains)
 
 
 # ------------------------------------------------------------------ folders
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored(p.name))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored(p.name) and not _is_run_folder(p))
+
+
+# Written by `vision-ft train` into every run folder (vision_ft.run_folder.MARKER): a run folder
+# inside the data folder (`--out data/run1`) holds plots, never a class's images.
+_RUN_MARKER = ".vision-ft-run"
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / _RUN_MARKER).is_file()
 
 
 def _walk_files(folder: Path) -> list[Path]:
-    """Every non-hidden file below `folder`, sorted, following symlinked folders once."""
+    """Every non-hidden file below `folder`, sorted, following symlinked folders once and
+    skipping run folders. Files reached twice (links) are resolved over the whole dataset by
+    `_drop_duplicates`."""
     found: list[Path] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -105,9 +120,38 @@ def _walk_files(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d) and not _is_run_folder(Path(dirpath) / d))
         found.extend(Path(dirpath) / name for name in filenames if not _ignored(name))
     return sorted(found)
+
+
+def _drop_duplicates(groups: dict[tuple[str, str], list[Path]]) -> tuple[dict[tuple[str, str], list[Path]], list[tuple[Path, str]]]:
+    """Resolve every path to its real file once over the whole dataset; `groups` is keyed by
+    (split, class). A file reached twice within one class (a symlink, a folder linked twice) is
+    kept once; a file under two classes or two splits is an error, since it would be trained
+    with a wrong label or tested on what was trained."""
+    owner: dict[str, tuple[tuple[str, str], Path]] = {}
+    kept: dict[tuple[str, str], list[Path]] = {}
+    skipped: list[tuple[Path, str]] = []
+    for group, paths in groups.items():
+        kept[group] = []
+        for path in paths:
+            real = os.path.realpath(path)
+            if real not in owner:
+                owner[real] = (group, path)
+                kept[group].append(path)
+                continue
+            first_group, first = owner[real]
+            if first_group == group:
+                skipped.append((path, f"same file as {first}"))
+                continue
+            what = "classes" if first_group[0] == group[0] else "splits"
+            raise VisionFTError(
+                f"{path} and {first} are the same file ({real}) in two {what} ({'/'.join(filter(None, first_group))} "
+                f"and {'/'.join(filter(None, group))}); a symbolic link or a copy by link puts it under both: "
+                "keep it in one place"
+            )
+    return kept, skipped
 
 
 def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
@@ -122,6 +166,9 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[tuple[P
             skipped.append((entry, reason))
             continue
         if not entry.is_dir():
+            continue
+        if _is_run_folder(entry):
+            skipped.append((entry, "a vision-ft run folder, not a class"))
             continue
         files = _walk_files(entry)
         images[entry.name] = [f for f in files if is_image_file(f)]
@@ -152,16 +199,20 @@ def _check_class_count(where: Path, class_names: list[str]) -> None:
         )
 
 
-def _discover_image_folder(root: Path) -> DatasetIndex:
+def _discover_image_folder(root: Path, every_class_trains: bool = True) -> DatasetIndex:
     images, skipped = _scan_class_folders(root)
+    unique, duplicates = _drop_duplicates({("", name): paths for name, paths in images.items()})
+    images = {name: unique[("", name)] for name in images}
+    skipped.extend(duplicates)
     _check_class_folders(root, images, skipped)
     class_names = sorted(images)
-    _check_class_count(root, class_names)
+    if every_class_trains:
+        _check_class_count(root, class_names)
     samples = [Sample(path, label) for label, name in enumerate(class_names) for path in images[name]]
     return DatasetIndex(root=root, class_names=class_names, samples=samples, presplit=None, skipped=skipped)
 
 
-def _discover_presplit(root: Path, split_folders: list[Path]) -> DatasetIndex:
+def _discover_presplit(root: Path, split_folders: list[Path], every_class_trains: bool = True) -> DatasetIndex:
     names = {d.name for d in split_folders}
     if "train" not in names:
         raise VisionFTError(f"{root} has {', '.join(sorted(names))} folders but no train folder; add {root / 'train'}")
@@ -174,17 +225,22 @@ def _discover_presplit(root: Path, split_folders: list[Path]) -> DatasetIndex:
         _check_class_folders(root / split, images, split_skipped)
         per_split[split] = images
         skipped.extend(split_skipped)
+    unique, duplicates = _drop_duplicates(
+        {(split, name): paths for split, images in per_split.items() for name, paths in images.items()})
+    per_split = {split: {name: unique[(split, name)] for name in images} for split, images in per_split.items()}
+    skipped.extend(duplicates)
     # Root-level files next to the split folders are not part of any split.
     skipped.extend((f, "not inside a split folder") for f in sorted(root.iterdir()) if f.is_file() and not _ignored(f.name))
 
     class_names = sorted(set().union(*(images.keys() for images in per_split.values())))
     missing_in_train = [name for name in class_names if name not in per_split["train"]]
-    if missing_in_train:
+    if missing_in_train and every_class_trains:
         raise VisionFTError(
             f"class {missing_in_train[0]!r} appears in another split but not in {root / 'train'}; "
             "every class needs training images: add a train folder for it or remove it from the other splits"
         )
-    _check_class_count(root / "train", class_names)
+    if every_class_trains:
+        _check_class_count(root / "train", class_names)
     label_of = {name: label for label, name in enumerate(class_names)}
     presplit = {
         split: [Sample(path, label_of[name]) for name in sorted(images) for path in images[name]]
@@ -204,8 +260,8 @@ def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def _discover_csv(csv_path: Path) -> DatasetIndex:
-    root = csv_path.parent
+def _read_manifest(csv_path: Path) -> tuple[dict[str, str], list[tuple[int, dict[str, str]]]]:
+    """({lower-case column name: column as written}, [(line number, row)]) of a CSV manifest."""
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: tolerate Excel's byte-order mark
             reader = csv.DictReader(fh)
@@ -221,7 +277,29 @@ def _discover_csv(csv_path: Path) -> DatasetIndex:
         raise VisionFTError(f"{csv_path} is not UTF-8 text ({exc.reason}); save the manifest as UTF-8 CSV") from None
     except csv.Error as exc:
         raise VisionFTError(f"{csv_path} is not a readable CSV file ({exc}); fix the manifest") from None
+    return columns, rows
 
+
+def _manifest_presplit(csv_path: Path, samples: list[Sample], splits: list[str | None],
+                       class_names: list[str], every_class_trains: bool = True) -> dict[str, list[Sample]]:
+    """The manifest's own train/val/test split (rows without a split value train)."""
+    presplit: dict[str, list[Sample]] = {}
+    for sample, split in zip(samples, splits):
+        presplit.setdefault(split or "train", []).append(sample)
+    if "train" not in presplit:
+        raise VisionFTError(f"{csv_path} has no rows with split 'train'; mark the training images as train")
+    in_train = {s.label for s in presplit["train"]}
+    lacking = [class_names[label] for label in range(len(class_names)) if label not in in_train]
+    if lacking and every_class_trains:
+        raise VisionFTError(
+            f"{csv_path}: class {lacking[0]!r} has no rows with split 'train'; every class needs training images"
+        )
+    return {name: presplit[name] for name in SPLIT_NAMES if name in presplit}
+
+
+def _discover_csv(csv_path: Path, every_class_trains: bool = True) -> DatasetIndex:
+    root = csv_path.parent
+    columns, rows = _read_manifest(csv_path)
     split_column = columns.get("split")
     entries: list[tuple[Path, str, str | None]] = []
     skipped: list[tuple[Path, str]] = []
@@ -242,11 +320,13 @@ def _discover_csv(csv_path: Path) -> DatasetIndex:
                     f"{csv_path} line {line}: split {split!r} is not one of train, val, test; fix the split column"
                 )
         path = Path(os.path.normpath(root / raw_path))
-        if path in seen:
+        real = Path(os.path.realpath(path))  # two spellings or a link of one file are one image
+        if real in seen:
             raise VisionFTError(
-                f"{csv_path} line {line}: {raw_path} is already listed on line {seen[path]}; list each image once"
+                f"{csv_path} line {line}: {raw_path} is already listed on line {seen[real]} (the same file); "
+                "list each image once"
             )
-        seen[path] = line
+        seen[real] = line
         if not is_image_file(path):
             skipped.append((path, f"not an image ({path.suffix or 'no extension'}), {csv_path.name} line {line}"))
             continue
@@ -264,22 +344,13 @@ def _discover_csv(csv_path: Path) -> DatasetIndex:
     if not entries:
         raise VisionFTError(f"{csv_path} lists no images; add rows of path,label")
     class_names = _sorted_labels({label for _, label, _ in entries})
-    _check_class_count(csv_path, class_names)
+    if every_class_trains:
+        _check_class_count(csv_path, class_names)
     label_of = {name: index for index, name in enumerate(class_names)}
     samples = [Sample(path, label_of[label]) for path, label, _ in entries]
 
-    presplit: dict[str, list[Sample]] | None = None
+    presplit = None
     if split_column is not None:
-        presplit = {}
-        for sample, (_, _, split) in zip(samples, entries):
-            presplit.setdefault(split or "train", []).append(sample)
-        if "train" not in presplit:
-            raise VisionFTError(f"{csv_path} has no rows with split 'train'; mark the training images as train")
-        in_train = {s.label for s in presplit["train"]}
-        lacking = [class_names[label] for label in range(len(class_names)) if label not in in_train]
-        if lacking:
-            raise VisionFTError(
-                f"{csv_path}: class {lacking[0]!r} has no rows with split 'train'; every class needs training images"
-            )
-        presplit = {name: presplit[name] for name in SPLIT_NAMES if name in presplit}
+        presplit = _manifest_presplit(csv_path, samples, [split for _, _, split in entries], class_names,
+                                     every_class_trains)
     return DatasetIndex(root=root, class_names=class_names, samples=samples, presplit=presplit, skipped=skipped)

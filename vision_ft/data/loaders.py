@@ -1,14 +1,21 @@
 """Data loaders: epoch-seeded shuffling, class-balanced and distributed sampling, seeded workers.
 
 Every random choice is derived from (seed, epoch) or (seed, rank), so a run repeats exactly
-for a seed and a resumed run shuffles epoch N as the uninterrupted run did. The training loop
-calls ``loader.sampler.set_epoch(epoch)`` before each epoch.
+for a seed and a resumed run shuffles *and augments* epoch N as the uninterrupted run did. The
+training loop calls ``loader.sampler.set_epoch(epoch)`` before each epoch.
+
+Augmentation: the training sampler hands the dataset ``(epoch seed, index)`` keys; a dataset
+with ``reseed_for_epoch`` reseeds its augmentation pipeline and the process's global generators
+from (epoch seed, worker id) the first time it sees an epoch's key. torch gives each worker a
+fixed, round-robin share of the batches, so a worker's draws depend only on (seed, rank, epoch,
+worker) and not on what ran before: a resumed run repeats them bit for bit (same worker count).
 """
 
 from __future__ import annotations
 
 import random
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -105,6 +112,39 @@ class BalancedSampler(WeightedRandomSampler):
         return iter(draws[self.rank :: self.num_replicas].tolist())
 
 
+class EpochSeedKeys(Sampler[tuple[int, int]]):
+    """Wraps a training sampler: yields ``(epoch seed, index)`` so the dataset can reseed per epoch."""
+
+    def __init__(self, inner: Sampler[int], seed: int, rank: int) -> None:
+        self.inner = inner
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch_seed = mixed_seed(self.seed, self.rank, self.epoch, 4)
+        return ((epoch_seed, index) for index in self.inner)
+
+
+def seed_process(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators of this process from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_training_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed the training process for `epoch` (dropout, stochastic depth): the same draws after a resume."""
+    seed_process(mixed_seed(seed, rank, epoch, 3))
+
+
 def _labels_of(dataset: Dataset) -> list[int]:
     labels = getattr(dataset, "labels", None)
     if labels is None:
@@ -131,12 +171,33 @@ def _seed_worker(worker_id: int) -> None:
         seed_augmentation(seed)  # albumentations keeps its own RNG, deaf to the global seeds
 
 
+_LIVE_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+def stop_all_workers() -> None:
+    """Stop the worker processes of every loader built here, now (on exit, Ctrl-C or SIGTERM).
+
+    Persistent workers otherwise live until their loader is garbage-collected, or, when the
+    parent is killed, until they notice it is gone (torch checks every 5 s).
+    """
+    for loader in list(_LIVE_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own clean shutdown
+        if callable(shutdown):
+            shutdown()
+        loader._iterator = None
+
+
 class _OneLineErrorLoader(DataLoader):
     """A DataLoader that re-raises a worker's VisionFTError as the original one-line message.
 
     torch re-raises a worker's exception with the worker's whole traceback folded into the
     message; the CLI prints VisionFTError messages as they are, so strip it back to one line.
     """
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - DataLoader's own signature
+        super().__init__(*args, **kwargs)
+        _LIVE_LOADERS.add(self)
 
     def __iter__(self) -> Iterator:
         try:
@@ -196,6 +257,8 @@ def build_loader(
         sampler = EpochShuffleSampler(len(dataset), seed=seed, num_replicas=world, rank=rank)
     if drop_last is None:
         drop_last = train and len(sampler) >= batch_size
+    if train and callable(getattr(dataset, "reseed_for_epoch", None)):
+        sampler = EpochSeedKeys(sampler, seed, rank)
     # Workers' seeds come from this generator, so augmentations repeat for a (seed, rank).
     generator = _generator(seed, rank, 1)
     if workers == 0:

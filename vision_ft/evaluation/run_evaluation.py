@@ -195,8 +195,9 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     ci = metrics.get("test_ci") or {}
     test = metrics.get("test") or {}
     if ci:
-        shown = [f"{name} {format_with_ci(test.get(name, ci[name]['value']), ci[name])}"
-                 for name in (*CONFUSION_METRICS, "auroc") if name in ci]
+        # Classification's headline metrics first; other tasks show their own (macro_auroc, rmse, ...).
+        names = [name for name in (*CONFUSION_METRICS, "auroc") if name in ci] or list(ci)
+        shown = [f"{name} {format_with_ci(test.get(name, ci[name]['value']), ci[name])}" for name in names]
         lines.append("test (95% CI): " + "  ".join(shown))
     calibration = metrics.get("calibration_test")
     if calibration:

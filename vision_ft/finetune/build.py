@@ -40,7 +40,8 @@ def check_strategy(config: Config, num_classes: int) -> None:
     try:
         with torch.device("meta"):
             model = create_model(config.model.name, num_classes=num_classes, in_chans=config.data.channels,
-                                 weights="none", drop_rate=config.model.drop_rate)
+                                 weights="none", drop_rate=config.model.drop_rate,
+                                 image_size=config.data.image_size if isinstance(config.data.image_size, int) else None)
             strategy.prepare(model)
     except VisionFTError:
         raise

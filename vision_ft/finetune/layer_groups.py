@@ -7,7 +7,8 @@ and ConvNeXt (stem, 4 stages).
 
 Two rules on top of timm's grouping:
 
-* The classifier (`get_classifier()`) is always its own, last group.
+* The classifier (`vision_ft.models.head`, built on `get_classifier()`) is always its own,
+  last group.
 * Whatever else timm leaves unmatched (a final norm or 1x1 conv between the last block and
   the classifier) joins the last backbone group. timm does exactly that for ViT's final norm
   and EfficientNet's conv_head, via MATCH_PREV_GROUP; doing it everywhere keeps a tiny
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from timm.models import group_parameters
 from torch import nn
 
-from vision_ft.errors import VisionFTError
+from vision_ft.models.head import head_param_names
 
 log = logging.getLogger("vision_ft")
 
@@ -46,28 +47,6 @@ class LayerGroup:
 
     def numel(self, model: nn.Module) -> int:
         return sum(p.numel() for p in self.parameters(model))
-
-
-def head_modules(model: nn.Module) -> list[nn.Module]:
-    """The classifier module(s) timm reports (`get_classifier()`; a tuple for distilled heads)."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        head = get_classifier()
-        heads = list(head) if isinstance(head, (tuple, list)) else [head]
-        heads = [h for h in heads if isinstance(h, nn.Module)]
-        if any(True for h in heads for _ in h.parameters()):
-            return heads
-    # Not a timm model: take the last top-level child that has parameters.
-    children = [child for _, child in model.named_children() if any(True for _ in child.parameters())]
-    if not children:
-        raise VisionFTError(f"{type(model).__name__} has no parameters to fine-tune")
-    return [children[-1]]
-
-
-def head_param_names(model: nn.Module) -> list[str]:
-    """Names of the classifier's parameters, in model order."""
-    ids = {id(p) for head in head_modules(model) for p in head.parameters()}
-    return [name for name, param in model.named_parameters() if id(param) in ids]
 
 
 def _timm_grouping(model: nn.Module) -> list[list[str]] | None:

@@ -20,26 +20,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision_ft.errors import VisionFTError
-from vision_ft.finetune.lora_targets import (
-    TARGET_TYPES,
-    find_lora_targets,
-    head_module_names,
-    is_dynamic_same_conv,
-    is_norm_layer,
-    layer_kind,
-)
+from vision_ft.finetune.lora_targets import TARGET_TYPES, find_lora_targets, is_dynamic_same_conv, is_norm_layer, layer_kind
+from vision_ft.models.head import head_module_names
 from vision_ft_kernels import lora_conv2d
 
 __all__ = [
     "LoRAConv2d",
     "LoRALinear",
     "apply_lora",
+    "inject_lora",
+    "train_adapters_only",
     "merge_lora",
     "lora_modules",
     "lora_state_dict",
@@ -248,7 +245,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def apply_lora(
+def inject_lora(
     model: nn.Module,
     r: int = 8,
     alpha: float = 16.0,
@@ -256,16 +253,16 @@ def apply_lora(
     rslora: bool = False,
     target_patterns: Sequence[str] | None = None,
     target_types: Sequence[str] = TARGET_TYPES,
-    train_norm: bool = False,
     backend: str | None = None,
 ) -> list[str]:
-    """Wrap the target layers of `model` in LoRA adapters, in place, and set what trains.
+    """Wrap the target layers of `model` in LoRA adapters, in place; requires_grad is left alone
+    except that the wrapped layers' own W and bias are frozen.
 
-    Targets are every nn.Conv2d / nn.Linear outside the classifier head (`get_classifier()`)
+    Targets are every nn.Conv2d / nn.Linear outside the classifier head (`vision_ft.models.head`)
     of the kinds in `target_types`, narrowed by `target_patterns` (fnmatch on module names,
-    also matched against trailing name parts: 'qkv' selects every '*.qkv'). Afterwards only
-    the adapters, the head and, with `train_norm`, normalisation layers require grad.
-    `backend` ('auto', 'torch', 'triton'; None: process default) picks the conv kernel.
+    also matched against trailing name parts: 'qkv' selects every '*.qkv'). `backend` ('auto',
+    'torch', 'triton') is each conv adapter's kernel setting; None leaves it to the one default
+    (`vision_ft_kernels`: $VISION_FT_LORA_BACKEND, else 'auto').
 
     Returns:
         The names of the wrapped layers.
@@ -284,7 +281,12 @@ def apply_lora(
             wrapped = LoRALinear(layer, r, alpha, dropout, rslora)
         wrapped.train(layer.training)
         _replace(model, name, wrapped)
+    return names
 
+
+def train_adapters_only(model: nn.Module, train_norm: bool = False) -> None:
+    """requires_grad for the adapters, the classifier head and, with `train_norm`, the
+    normalisation layers; everything else frozen."""
     for param in model.parameters():
         param.requires_grad_(False)
     for _, module in lora_modules(model):
@@ -295,6 +297,14 @@ def apply_lora(
         if name in head or (train_norm and is_norm_layer(module)):
             for param in module.parameters(recurse=False):
                 param.requires_grad_(True)
+
+
+def apply_lora(model: nn.Module, train_norm: bool = False, **inject_options: Any) -> list[str]:
+    """`inject_lora(model, **inject_options)` (r, alpha, dropout, rslora, target_patterns,
+    target_types, backend), then `train_adapters_only(model, train_norm)`: the model ready to
+    fine-tune its adapters. Returns the names of the wrapped layers."""
+    names = inject_lora(model, **inject_options)
+    train_adapters_only(model, train_norm)
     return names
 
 

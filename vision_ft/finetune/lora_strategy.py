@@ -1,8 +1,9 @@
 """LoRA fine-tuning: low-rank adapters on the backbone's conv/linear layers, the head in full.
 
-`prepare` injects the adapters (`vision_ft.finetune.lora.apply_lora`, which freezes all but
-the adapters, the head and, with `lora.train_norm`, the norm layers) and picks the conv kernel
-backend. BatchNorm layers of the frozen backbone follow `frozen_bn` like any frozen group.
+`adapt` injects the adapters, each conv adapter with the kernel backend of `lora.backend` (a
+per-module setting, nothing process-wide); `set_trainable` freezes all but the adapters, the
+head and, with `lora.train_norm`, the norm layers. BatchNorm layers of the frozen backbone
+follow `frozen_bn` like any frozen group.
 Every checkpoint also gets `adapter.safetensors`: the adapter tensors alone (a few hundred KB),
 to ship or swap without the full model.
 """
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from vision_ft.errors import VisionFTError
 from vision_ft.finetune.layer_groups import LayerGroup, layer_groups
-from vision_ft.finetune.lora import apply_lora, lora_modules, lora_state_dict
+from vision_ft.finetune.lora import inject_lora, lora_modules, lora_state_dict, train_adapters_only
 from vision_ft.finetune.strategy import Strategy, trainable_summary
 
 log = logging.getLogger("vision_ft")
@@ -25,20 +26,19 @@ log = logging.getLogger("vision_ft")
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def _select_backend(requested: str) -> None:
-    """Set the process-wide LoRA conv backend from the config.
+def module_backend(requested: str) -> str | None:
+    """The kernel setting each conv adapter gets for `finetune.lora.backend`.
 
-    'auto' defers to $VISION_FT_LORA_BACKEND (then to auto-selection), so the environment
-    variable keeps working. 'triton' on a machine without CUDA (e.g. evaluating a GPU-trained
-    run on a laptop) would fail at the first forward; the torch path computes the same thing.
+    'auto' gives None: the adapters follow the one default ($VISION_FT_LORA_BACKEND, else
+    auto-selection). 'triton' on a machine without CUDA (e.g. evaluating a GPU-trained run on a
+    laptop) would fail at the first forward; the torch path computes the same thing.
     """
-    import vision_ft_kernels
-
-    backend = None if requested == "auto" else requested
-    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if requested == "auto":
+        return None
+    if requested == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         log.warning("finetune.lora.backend is 'triton' but this machine has no CUDA GPU; LoRA layers use the torch path")
-        backend = "torch"
-    vision_ft_kernels.set_lora_backend(backend)
+        return "torch"
+    return requested
 
 
 class LoRAStrategy(Strategy):
@@ -52,16 +52,16 @@ class LoRAStrategy(Strategy):
                 f"finetune.freeze_groups={self.config.freeze_groups} has no effect with strategy 'lora' (the whole "
                 "backbone is frozen, adapters train); set freeze_groups to 0 or narrow finetune.lora.targets")
 
-    def prepare(self, model: nn.Module) -> None:
-        """Inject the adapters and set the trainable set: adapters + head (+ norms with train_norm)."""
+    def adapt(self, model: nn.Module) -> None:
+        """Inject the adapters (each conv adapter with the configured kernel backend)."""
         self.check([], model)
         lora = self.config.lora
-        _select_backend(lora.backend)
-        apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
-                   target_patterns=lora.targets, train_norm=lora.train_norm)
-        # apply_lora already trains the head; our head group is the one every strategy uses.
-        for param in layer_groups(model)[-1].parameters(model):
-            param.requires_grad_(True)
+        inject_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
+                    target_patterns=lora.targets, backend=module_backend(lora.backend))
+
+    def set_trainable(self, model: nn.Module, epoch: int = 1) -> None:
+        """Adapters + head (+ norms with train_norm) train, in every epoch."""
+        train_adapters_only(model, self.config.lora.train_norm)
 
     def describe(self, model: nn.Module) -> str:
         lora = self.config.lora

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from vision_ft.errors import VisionFTError
+from vision_ft.models.head import head_module_names
 
 TARGET_TYPES = ("conv", "linear")
 
@@ -39,18 +40,6 @@ def is_dynamic_same_conv(module: nn.Module) -> bool:
     """timm's Conv2dSame: pads like TensorFlow 'SAME', computed from the input size each call."""
     same = _timm_conv2d_same()
     return same is not None and type(module) is same
-
-
-def head_module_names(model: nn.Module) -> set[str]:
-    """Names of the classifier head (timm's `get_classifier()`) and everything inside it."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if not callable(get_classifier):
-        return set()
-    head = get_classifier()
-    if not isinstance(head, nn.Module):
-        return set()
-    head_ids = {id(m) for m in head.modules()}
-    return {name for name, module in model.named_modules() if id(module) in head_ids and name}
 
 
 def is_norm_layer(module: nn.Module) -> bool:

@@ -19,7 +19,6 @@ from torch import nn
 
 from vision_ft.config import FinetuneConfig
 from vision_ft.errors import VisionFTError
-from vision_ft.finetune.freezing import set_trainable_groups
 from vision_ft.finetune.layer_groups import LayerGroup, layer_groups
 from vision_ft.finetune.strategy import Strategy, check_freeze_groups, model_label
 
@@ -86,8 +85,9 @@ class ProgressiveStrategy(Strategy):
                 f"finetune.unfreeze_at={planned} lists {len(planned)} epochs but {model_label(model)} has only "
                 f"{available} groups below its head to unfreeze{frozen}; list at most {available} epochs")
 
-    def initial_groups(self, groups: list[LayerGroup]) -> list[int]:
-        return self._top_groups(groups, len(self.start_steps))
+    def trainable_groups(self, groups: list[LayerGroup], epoch: int) -> list[int]:
+        count = groups_training_at(self.config, epoch, self.unfreezable(groups))
+        return self._top_groups(groups, count)
 
     @staticmethod
     def _top_groups(groups: list[LayerGroup], count: int) -> list[int]:
@@ -98,25 +98,17 @@ class ProgressiveStrategy(Strategy):
         depth = groups[-1].index - group.index
         return self.start_steps[depth] if depth < len(self.start_steps) else 0
 
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        # After load_state_dict the model still has prepare()'s trainable set: apply the restored one.
-        groups = layer_groups(model)
-        set_trainable_groups(model, groups, self._top_groups(groups, len(self.start_steps)))
-        return super().param_groups(model, lr, weight_decay)
-
     def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: Any, step: int, lr: float, weight_decay: float) -> bool:
         """Unfreeze the groups scheduled up to `epoch`; each joins the optimizer at `step`."""
         self.epoch = epoch
         groups = layer_groups(model)
-        target = groups_training_at(self.config, epoch, self.unfreezable(groups))
-        if target <= len(self.start_steps):
+        joining = self.trainable_groups(groups, epoch)[len(self.start_steps):]
+        if not joining:
             return False
-        while len(self.start_steps) < target:
-            group = groups[-1 - len(self.start_steps)]
+        self.set_trainable(model, epoch)
+        for index in joining:
             self.start_steps.append(step)
-            for param in group.parameters(model):
-                param.requires_grad_(True)
-            for optimizer_group in self.optimizer_groups(model, group, groups, lr, weight_decay, step):
+            for optimizer_group in self.optimizer_groups(model, groups[index], groups, lr, weight_decay, step):
                 optimizer.add_param_group(optimizer_group)
         return True
 

@@ -1,8 +1,10 @@
 """The interface between the training loop and a fine-tuning strategy, and the fixed strategies.
 
-A strategy decides which parameters train, in which optimizer groups and at which learning
-rates, and may change that at epoch boundaries (progressive unfreezing). The loop never
-touches requires_grad itself.
+A strategy has two halves. `adapt(model)` changes the architecture (LoRA injects adapters); a
+run loaded for eval, predict or export gets only that. `set_trainable(model, epoch)` decides
+which parameters train; with `param_groups` (optimizer groups and learning rates) and
+`on_epoch_start` (progressive unfreezing) it is what training adds. The loop never touches
+requires_grad itself.
 
 Every strategy works on the model's layer groups (`layer_groups.py`, stem first, head last)
 and builds its optimizer groups head first, top-down, one pair (with / without weight decay)
@@ -74,25 +76,38 @@ class Strategy:
     # ------------------------------------------------------------ what trains
 
     def check(self, groups: list[LayerGroup], model: nn.Module) -> None:
-        """Raise VisionFTError when the config does not fit this model (called by `prepare`)."""
+        """Raise VisionFTError when the config does not fit this model (called by `set_trainable`)."""
         if self.config.freeze_groups:
             raise VisionFTError(
                 f"finetune.freeze_groups={self.config.freeze_groups} has no effect with strategy '{self.name}'; "
                 "use strategy 'partial' (or 'progressive') or set freeze_groups to 0")
 
-    def initial_groups(self, groups: list[LayerGroup]) -> list[int]:
-        """Indices of the layer groups that train from the first epoch."""
+    def trainable_groups(self, groups: list[LayerGroup], epoch: int) -> list[int]:
+        """Indices of the layer groups that train in `epoch` (1-based)."""
         return [group.index for group in groups]
 
-    def prepare(self, model: nn.Module) -> None:
-        """Set the initial trainable set (before the optimizer is built).
+    def adapt(self, model: nn.Module) -> None:
+        """Change the architecture as the strategy needs (LoRA: inject adapters), in place.
+
+        Loading a trained run for eval, predict or export calls only this, before the
+        checkpoint's weights go in; it never decides what trains.
+        """
+
+    def set_trainable(self, model: nn.Module, epoch: int = 1) -> None:
+        """Set requires_grad for `epoch` (1-based): the trainable set before the optimizer is
+        built, and after a resume (with the last finished epoch).
 
         Raises:
             VisionFTError: the config does not fit the model (e.g. more frozen groups than it has).
         """
         groups = layer_groups(model)
         self.check(groups, model)
-        set_trainable_groups(model, groups, self.initial_groups(groups))
+        set_trainable_groups(model, groups, self.trainable_groups(groups, epoch))
+
+    def prepare(self, model: nn.Module) -> None:
+        """A fresh model ready for epoch 1: `adapt`, then `set_trainable` for epoch 1."""
+        self.adapt(model)
+        self.set_trainable(model, epoch=1)
 
     # ------------------------------------------------------------ optimizer groups
 
@@ -171,7 +186,7 @@ class Strategy:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`; called after `prepare` and before `param_groups` on resume."""
+        """Restore `state_dict()`; on resume called after `adapt` and before `set_trainable`."""
 
 
 class LinearProbeStrategy(Strategy):
@@ -179,7 +194,7 @@ class LinearProbeStrategy(Strategy):
 
     name = "linear_probe"
 
-    def initial_groups(self, groups: list[LayerGroup]) -> list[int]:
+    def trainable_groups(self, groups: list[LayerGroup], epoch: int) -> list[int]:
         return [groups[-1].index]
 
 
@@ -191,7 +206,7 @@ class PartialStrategy(Strategy):
     def check(self, groups: list[LayerGroup], model: nn.Module) -> None:
         check_freeze_groups(self.config.freeze_groups, groups, model, minimum=1)
 
-    def initial_groups(self, groups: list[LayerGroup]) -> list[int]:
+    def trainable_groups(self, groups: list[LayerGroup], epoch: int) -> list[int]:
         return [group.index for group in groups[self.config.freeze_groups:]]
 
 

@@ -15,6 +15,8 @@ import timm
 from torch import nn
 
 from vision_ft.errors import VisionFTError
+from vision_ft.models.head import head_modules
+from vision_ft.models.input_size import fixed_size_kwargs, resample_for_input_size
 from vision_ft.models.weights import load_into_model, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -69,14 +71,17 @@ def create_model(
     in_chans: int = 3,
     weights: str = "hub",
     drop_rate: float = 0.0,
+    image_size: int | None = None,
 ) -> nn.Module:
     """Create `name` with a `num_classes` head, initialised from `weights` ('hub', 'none' or a file).
 
     Heads are replaced through timm's own `num_classes` argument, which knows each
-    architecture's classifier (fc, classifier, head.fc, ...).
+    architecture's classifier (fc, classifier, head.fc, ...). Models built for one input size
+    (ViT, Swin, ...) are built for `image_size`, their position tables resampled from the
+    pretrained grid.
     """
     check_model_name(name)
-    kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **fixed_size_kwargs(name, image_size))
     if weights == "hub":
         try:
             with _offline_unless_reachable():
@@ -90,15 +95,25 @@ def create_model(
         if num_classes != (model.pretrained_cfg or {}).get("num_classes"):
             init_new_head(model)
         return model
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = _create(name, kwargs)
     if weights == "none":
         return model
     path = Path(weights)
-    report = load_into_model(model, read_state_dict(path), str(path))
+    report = load_into_model(model, resample_for_input_size(model, read_state_dict(path)), str(path))
     if report.dropped_head or report.head_absent:
         init_new_head(model)
     log.info("weights %s: %s", path, report.summary())
     return model
+
+
+def _create(name: str, kwargs: dict) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (AssertionError, ValueError, RuntimeError) as exc:  # e.g. a size the window layout cannot take
+        size = kwargs.get("img_size")
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise VisionFTError(f"cannot build '{name}'{f' for {size} px' if size else ''} ({reason}); "
+                            "try another data.image_size, e.g. the model's pretraining size") from None
 
 
 # Standard deviation of a new head's weights on a pretrained backbone. timm initialises heads
@@ -110,9 +125,7 @@ NEW_HEAD_STD = 0.01
 
 def init_new_head(model: nn.Module) -> None:
     """Re-initialise the classifier (`get_classifier()`, every head of distilled models) with small weights and zero biases."""
-    from vision_ft.finetune.layer_groups import head_modules
-
-    for module in (m for head in head_modules(model) for m in head.modules()):
+    for module in (m for _, head in head_modules(model) for m in head.modules()):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(module.weight, std=NEW_HEAD_STD, a=-2 * NEW_HEAD_STD, b=2 * NEW_HEAD_STD)
             if module.bias is not None:

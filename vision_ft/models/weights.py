@@ -8,6 +8,7 @@ plain containers.
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from vision_ft.errors import VisionFTError
+from vision_ft.models.head import head_names, is_head_key
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # Wrappers that training scripts commonly put around the real state_dict.
@@ -60,13 +62,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns before refusing some files (TorchScript archives); the refusal
+                # becomes our one-line error below, the warning would only repeat it noisily.
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise VisionFTError(
             f"weights file {path} holds pickled Python objects, not only tensors; vision-ft does not unpickle "
             "untrusted code: re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or .safetensors"
         ) from None
     except Exception as exc:  # corrupt zip, truncated file, wrong format
+        if "TorchScript" in str(exc):
+            raise VisionFTError(
+                f"weights file {path} is a TorchScript archive (torch.jit.save), which holds code, not a state_dict; "
+                "save the weights with torch.save(model.state_dict(), FILE) or as .safetensors"
+            ) from None
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise VisionFTError(f"weights file {path} cannot be read ({reason}); is it a complete state_dict file?") from None
     for key in _NESTED_KEYS:
@@ -80,16 +91,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _classifier_prefixes(model: nn.Module) -> list[str]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("classifier") or []
-    return [names] if isinstance(names, str) else list(names)
-
-
-def _is_head_key(key: str, head_prefixes: list[str]) -> bool:
-    return any(key.startswith(prefix + ".") for prefix in head_prefixes)
-
-
 def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
     """Copy matching tensors of `state` into `model`.
 
@@ -97,7 +98,7 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: st
     folded onto a 1-channel model, and any other shape mismatch is an error naming the key.
     """
     own = model.state_dict()
-    head_prefixes = _classifier_prefixes(model)
+    head_prefixes = head_names(model)
     stem = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     to_load: dict[str, torch.Tensor] = {}
     report = LoadReport(matched=0)
@@ -107,7 +108,7 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: st
             continue
         target = own[key]
         if tensor.shape != target.shape:
-            if _is_head_key(key, head_prefixes):
+            if is_head_key(key, head_prefixes):
                 report.dropped_head.append(key)
                 continue
             if stem and key == f"{stem}.weight" and tensor.dim() == 4 and tensor.shape[1] != target.shape[1]:
@@ -122,10 +123,10 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], source: st
                 )
         to_load[key] = tensor.to(target.dtype)
     report.matched = len(to_load)
-    report.head_absent = not any(_is_head_key(k, head_prefixes) for k in state)
+    report.head_absent = not any(is_head_key(k, head_prefixes) for k in state)
     report.missing = [
         k for k in own if k not in to_load and not k.endswith("num_batches_tracked")
-        and not _is_head_key(k, head_prefixes)
+        and not is_head_key(k, head_prefixes)
     ]
     backbone_total = report.matched + len(report.missing)
     if backbone_total and report.matched < 0.5 * backbone_total:

@@ -89,6 +89,12 @@ class Task(ABC):
     def calibrate(self, val_scores: np.ndarray, val_targets: np.ndarray) -> None:
         """Choose what is chosen on the validation split (multi-label thresholds); default none."""
 
+    def intervals(self, scores: np.ndarray, targets: np.ndarray, groups: list[str] | None, settings: Any,
+                  seed: int) -> dict[str, dict[str, float | None]]:
+        """Bootstrap confidence intervals of the test metrics ({metric: {value, low, high}}), whole
+        groups resampled when `groups` are known; `settings` is the config's eval section."""
+        return {}
+
     def summary_keys(self) -> tuple[str, ...]:
         return ("loss", *self.metrics)
 

@@ -12,29 +12,21 @@ from torch import nn
 from vision_ft.data.discover import DatasetIndex, Sample, discover
 from vision_ft.data.loaders import class_counts
 from vision_ft.data.split import make_splits
-from vision_ft.errors import TrainingDiverged, VisionFTError
-from vision_ft.metrics import compute_metrics
+from vision_ft.errors import VisionFTError
+from vision_ft.inference import evaluate_probs
 from vision_ft.plots import plot_confusion_matrix
 from vision_ft.tasks.base import LossFn, Task
 
 
-def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:
-    """Metrics plus the mean (label-smoothed) cross-entropy, from predicted probabilities."""
-    if not np.isfinite(probs).all():
-        raise TrainingDiverged("the model's outputs are NaN or infinite: its weights diverged; "
-                               "train again with a lower train.lr (or keep train.grad_clip set)")
-    metrics = compute_metrics(labels, probs, class_names)
-    logp = np.log(np.clip(probs, 1e-12, 1.0))
-    nll = -logp[np.arange(len(labels)), labels]
-    smooth = -logp.mean(axis=1)
-    metrics["loss"] = float(((1 - label_smoothing) * nll + label_smoothing * smooth).mean())
-    return metrics
-
-
 class ClassificationTask(Task):
     kind = "classification"
-    default_metric = "macro_f1"
-    metrics = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+    metrics = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
+
+    @property
+    def default_metric(self) -> str:  # type: ignore[override]
+        from vision_ft.auto_config import auto_metric
+
+        return auto_metric(len(self.names))
 
     def discover(self, source: Path, known: list[str] | None = None) -> DatasetIndex:
         index = discover(source)
@@ -85,6 +77,6 @@ class ClassificationTask(Task):
         plot_confusion_matrix(metrics["confusion_matrix"], self.names, folder / f"confusion_{split}.png", title)
 
     def report_lines(self, metrics: dict[str, Any]) -> list[str]:
-        from vision_ft.report import classification_lines
+        from vision_ft.report import classification_table
 
-        return classification_lines(metrics)
+        return classification_table(metrics)

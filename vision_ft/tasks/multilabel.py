@@ -19,6 +19,7 @@ from torch import nn
 
 from vision_ft.data.discover import DatasetIndex, Sample
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.task_intervals import bootstrap_task_metrics, multilabel_resampled
 from vision_ft.tasks.base import LossFn, Task
 from vision_ft.tasks.manifest import read_multilabel_manifest
 from vision_ft.tasks.plots import plot_precision_recall
@@ -90,7 +91,8 @@ class MultilabelTask(Task):
 
     def split(self, index: DatasetIndex) -> dict[str, list[Sample]]:
         data = self.config.data
-        return split_index(index, multilabel_split, data.val_fraction, data.test_fraction, data.split_seed)
+        return split_index(index, multilabel_split, data.val_fraction, data.test_fraction, data.split_seed,
+                           data.allow_group_leak)
 
     def describe_split(self, splits: dict[str, list[Sample]]) -> str:
         parts = []
@@ -132,6 +134,15 @@ class MultilabelTask(Task):
         clipped = np.clip(scores, 1e-7, 1 - 1e-7)
         metrics["loss"] = float(-(targets * np.log(clipped) + (1 - targets) * np.log(1 - clipped)).mean())
         return metrics
+
+    def intervals(self, scores: np.ndarray, targets: np.ndarray, groups: list[str] | None, settings: Any,
+                  seed: int) -> dict[str, dict[str, float | None]]:
+        if settings.bootstrap_resamples <= 0 or len(targets) == 0:
+            return {}
+        truth = np.asarray(targets, dtype=np.float64)
+        predicted = scores >= np.asarray(self.thresholds)[None, :]
+        return bootstrap_task_metrics(lambda w: multilabel_resampled(w, truth, scores, predicted), len(truth),
+                                      groups, settings.bootstrap_resamples, settings.confidence, seed)
 
     def plot(self, split: str, scores: np.ndarray, targets: np.ndarray, metrics: dict[str, Any],
              folder: Path, title: str) -> None:

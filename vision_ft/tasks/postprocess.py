@@ -23,10 +23,13 @@ LABEL_SEPARATOR = ";"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, computed in float64 (stable for large logits)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    """Row-wise softmax, computed in float64 (stable for large logits); a row with a non-finite
+    logit comes out all NaN, so it can never look like a confident answer."""
+    values = logits.astype(np.float64)
+    finite = np.isfinite(values).all(axis=1, keepdims=True)
+    values = np.where(finite, values, 0.0)
+    exp = np.exp(values - values.max(axis=1, keepdims=True))
+    return np.where(finite, exp / exp.sum(axis=1, keepdims=True), np.nan)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from torch import nn
 
 from vision_ft.data.discover import DatasetIndex, Sample
 from vision_ft.errors import VisionFTError
+from vision_ft.evaluation.task_intervals import bootstrap_task_metrics, regression_resampled
 from vision_ft.tasks.base import LossFn, Task
 from vision_ft.tasks.manifest import read_regression_manifest
 from vision_ft.tasks.plots import plot_regression
@@ -83,7 +84,8 @@ class RegressionTask(Task):
 
     def split(self, index: DatasetIndex) -> dict[str, list[Sample]]:
         data = self.config.data
-        return split_index(index, regression_split, data.val_fraction, data.test_fraction, data.split_seed)
+        return split_index(index, regression_split, data.val_fraction, data.test_fraction, data.split_seed,
+                           data.allow_group_leak)
 
     def fit(self, train: list[Sample]) -> None:
         if not train:
@@ -105,6 +107,14 @@ class RegressionTask(Task):
     def scores(self, outputs: torch.Tensor) -> np.ndarray:
         values = outputs.float().cpu().numpy().astype(np.float64)
         return values * np.asarray(self.std) + np.asarray(self.mean)
+
+    def intervals(self, scores: np.ndarray, targets: np.ndarray, groups: list[str] | None, settings: Any,
+                  seed: int) -> dict[str, dict[str, float | None]]:
+        if settings.bootstrap_resamples <= 0 or len(targets) == 0:
+            return {}
+        true = np.asarray(targets, dtype=np.float64)
+        return bootstrap_task_metrics(lambda w: regression_resampled(w, scores, true), len(true), groups,
+                                      settings.bootstrap_resamples, settings.confidence, seed)
 
     def evaluate(self, scores: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
         metrics = regression_metrics(scores, np.asarray(targets, dtype=np.float64), self.names)

@@ -10,6 +10,7 @@ keeps its splits and only the missing ones are carved out of train.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -63,9 +64,45 @@ def regression_split(samples: list[Sample], val_fraction: float, test_fraction: 
     return stratified_split(binned, val_fraction, test_fraction, seed)
 
 
+def _pooled_target(members: list[Sample]) -> tuple[float, ...]:
+    """A group's targets as one: per label, whether any image has it (multi-label, 0/1 targets);
+    per target, the mean (regression). Rounded so the multi-label stratifier sees 0/1 again."""
+    values = np.asarray([m.target for m in members], dtype=np.float64)
+    binary = np.isin(values, (0.0, 1.0)).all()
+    return tuple(values.max(axis=0) if binary else values.mean(axis=0))
+
+
+def grouped(splitter: Splitter, groups: dict[Path, str]) -> Splitter:
+    """`splitter` over whole groups (patients): each group is split as one sample carrying its
+    pooled targets, then expanded back to its images, so no group spans two splits."""
+
+    def split(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Sample]]:
+        members: dict[str, list[Sample]] = {}
+        for sample in samples:
+            members.setdefault(groups[sample.path], []).append(sample)
+        names = sorted(members)
+        proxies = [Sample(Path(name), 0, _pooled_target(members[name])) for name in names]
+        parts = splitter(proxies, val_fraction, test_fraction, seed)
+        return {part: [s for proxy in chosen for s in members[str(proxy.path)]] for part, chosen in parts.items()}
+
+    return split
+
+
 def split_index(index: DatasetIndex, splitter: Splitter, val_fraction: float, test_fraction: float,
-                seed: int) -> dict[str, list[Sample]]:
-    """The splits of `index`: the manifest's own when it has a split column, missing ones carved from train."""
+                seed: int, allow_group_leak: bool = False) -> dict[str, list[Sample]]:
+    """The splits of `index`: the manifest's own when it has a split column, missing ones carved
+    from train; with `index.groups` (data.group_by) whole groups go to one split."""
+    if index.groups:
+        from vision_ft.data.groups import check_group_leak
+
+        splits = _split_index(index, grouped(splitter, index.groups), val_fraction, test_fraction, seed)
+        check_group_leak(splits, index.groups, allow_group_leak)
+        return splits
+    return _split_index(index, splitter, val_fraction, test_fraction, seed)
+
+
+def _split_index(index: DatasetIndex, splitter: Splitter, val_fraction: float, test_fraction: float,
+                 seed: int) -> dict[str, list[Sample]]:
     if index.presplit is None:
         return splitter(index.samples, val_fraction, test_fraction, seed)
     given = index.presplit
@@ -78,3 +115,44 @@ def split_index(index: DatasetIndex, splitter: Splitter, val_fraction: float, te
         "val": list(given["val"]) if "val" in given else carved["val"],
         "test": list(given["test"]) if "test" in given else carved["test"],
     }
+
+
+def task_splitter(kind: str) -> Splitter:
+    """The train/val/test splitter of a multi-label or regression task."""
+    return multilabel_split if kind == "multilabel" else regression_split
+
+
+def _strata(samples: list[Sample], kind: str) -> np.ndarray:
+    """One stratum per sample for k-fold splitting: multi-label 0/1 rows, or regression value bins."""
+    targets = np.asarray([s.target for s in samples], dtype=np.float64)
+    if kind == "multilabel":
+        return targets.astype(np.int64)
+    bins = max(1, min(_MAX_BINS, len(samples) // 4))
+    edges = np.unique(np.quantile(targets[:, 0], np.linspace(0, 1, bins + 1)[1:-1]))
+    return np.searchsorted(edges, targets[:, 0], side="right")
+
+
+def vector_folds(samples: list[Sample], groups: dict[Path, str] | None, n_folds: int, seed: int,
+                 kind: str) -> list[np.ndarray]:
+    """Index arrays of `n_folds` disjoint parts of `samples` for cross-validation of a multi-label
+    (iteratively stratified) or regression (binned by value) task; whole groups when given."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+    from sklearn.model_selection import StratifiedKFold
+
+    members: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        members.setdefault(groups[sample.path] if groups else str(i), []).append(i)
+    units = sorted(members)
+    if len(units) < n_folds:
+        what = "groups" if groups else "images"
+        raise VisionFTError(f"{len(units)} {what} cannot make {n_folds} folds; need at least {n_folds} {what}")
+    proxies = [Sample(Path(u), 0, _pooled_target([samples[i] for i in members[u]])) for u in units]
+    strata = _strata(proxies, kind)
+    if kind == "multilabel":
+        splitter = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    else:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        if np.bincount(strata).min() < n_folds:  # too few values per bin: plain shuffled folds
+            strata = np.zeros(len(units), dtype=np.int64)
+    held = [test for _, test in splitter.split(np.zeros(len(units)), strata)]
+    return [np.sort(np.concatenate([members[units[u]] for u in part])) for part in held]

@@ -155,9 +155,16 @@ def best_recipe(tune_folder: Path, storage: str | None = None) -> str:
         raise VisionFTError(f"no trial of {tune_folder} has completed yet; continue the search with "
                             f"`vision-ft tune --out {tune_folder} --trials N`")
     run = folder.trial(best.number)
-    config = load_config(run / "config.yaml").model_dump(mode="json")
+    if (run / "config.yaml").is_file():  # a run folder: its resolved config
+        config = load_config(run / "config.yaml").model_dump(mode="json")
+        scored = "validation score"
+    else:  # a cross-validation (tune.folds): the search's config with the trial's settings
+        from vision_ft.api import resolve_config
+
+        config = resolve_config(config=load_config(folder.config), **best.params).model_dump(mode="json")
+        scored = f"mean test score over {config['tune']['folds']} folds"
     config.pop("tune", None)
     recipe = _differences(config, Config().model_dump(mode="json"))
     header = (f"# Best of {len(study.trials)} trials in {folder.root}: trial {best.number}, "
-              f"validation score {best.value:.4f}\n# run folder: {run}\n")
+              f"{scored} {best.value:.4f}\n# run folder: {run}\n")
     return header + yaml.safe_dump(recipe, sort_keys=False)

@@ -27,6 +27,7 @@ from vision_ft.api import PathLike, resolve_config
 from vision_ft.callbacks import TrainingCallback
 from vision_ft.config import Config, load_config, save_config
 from vision_ft.errors import VisionFTError
+from vision_ft.training_state import LOWER_IS_BETTER
 from vision_ft.tune.space import Dimension, parse_space
 
 if TYPE_CHECKING:
@@ -96,6 +97,32 @@ class _ReportToTrial(TrainingCallback):
             raise optuna.TrialPruned(f"val {self.key[4:]} {row[self.key]:.4f} at epoch {epoch} is below the median")
 
 
+def _cross_validated(trial: optuna.Trial, base: Config, chosen: dict[str, Any], out: Path, metric: str) -> float:
+    """The trial's objective as the mean test `metric` of a k-fold CV of its settings (tune.folds);
+    after each fold the running mean goes to the pruner, which may stop the CV early."""
+    import json
+
+    import optuna
+
+    from vision_ft.cv import cross_validate
+
+    scores: list[float] = []
+
+    def report(plan: Any) -> None:
+        scores.append(float(json.loads((plan.folder / "metrics.json").read_text())["test"][metric]))
+        trial.report(sum(scores) / len(scores), plan.fold)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"mean test {metric} {scores[-1]:.4f} after fold {plan.fold} is below the median")
+
+    result = cross_validate(resolve_config(config=base, **chosen), out, folds=base.tune.folds, force=out.exists(),
+                            after_fold=report)
+    trial.set_user_attr("fold_scores", scores)
+    mean = result.summary["over_folds"][metric]["mean"]
+    if mean is None:
+        raise VisionFTError(f"no fold of trial {trial.number} has a test {metric}; check the data and the metric")
+    return float(mean)
+
+
 def _objective(folder: TuneFolder, base: Config, dimensions: list[Dimension], metric: str,
                echo: Callable[[str], None]) -> Callable[[optuna.Trial], float]:
     import optuna
@@ -112,6 +139,8 @@ def _objective(folder: TuneFolder, base: Config, dimensions: list[Dimension], me
         echo(f"trial {trial.number}: {shown}")
         started = time.time()
         try:
+            if base.tune.folds:
+                return _cross_validated(trial, base, chosen, out, metric)
             run = api.train(config=base, out=out, force=out.exists(), callbacks=[_ReportToTrial(trial, metric)], **chosen)
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED, True)
@@ -155,7 +184,14 @@ def _check_base(base: Config) -> str:
                             "set it above 0 (e.g. 0.15)")
     if base.tune.trials is None and base.tune.timeout is None:
         raise VisionFTError("say how long to search: --trials N and/or --timeout SECONDS (or tune.trials / tune.timeout)")
-    return base.tune.metric or base.train.early_stopping.metric
+    metric = base.tune.metric or base.train.early_stopping.metric
+    if metric == "auto":  # what training would select on (classification: AUROC for two classes, else the loss)
+        from vision_ft.tasks import build_task
+
+        task = build_task(base)
+        task.discover(Path(base.data.path))
+        metric = task.default_metric
+    return metric
 
 
 def _finished(study: optuna.Study) -> int:
@@ -177,7 +213,7 @@ def open_study(folder: TuneFolder, base: Config, metric: str, storage: str | Non
     try:
         study = optuna.create_study(storage=storage or folder.storage, study_name=folder.root.resolve().name,
                                     pruner=pruner, load_if_exists=True,
-                                    direction="minimize" if metric == "loss" else "maximize")
+                                    direction="minimize" if metric in LOWER_IS_BETTER else "maximize")
     except Exception as exc:  # bad URL, missing driver, unreachable server: all one-line errors
         raise VisionFTError(f"cannot open the Optuna storage {storage or folder.storage}: "
                             f"{str(exc).splitlines()[0]}") from None

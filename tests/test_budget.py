@@ -1,0 +1,88 @@
+"""train.time_budget and train.epochs: auto (the planning arithmetic; no wall-clock assertions)."""
+
+import pytest
+
+from vision_ft.budget import AUTO_MAX_EPOCHS, AUTO_MIN_EPOCHS, BudgetPlanner, auto_epochs, parse_duration
+from vision_ft.config import build_config
+from vision_ft.errors import VisionFTError
+
+
+@pytest.mark.parametrize("text, seconds", [("10m", 600), ("90s", 90), ("1h30m", 5400), ("1.5h", 5400),
+                                           ("2m30s", 150), (45, 45), ("10min", 600)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "ten minutes", "10x", "-5m", "0s"])
+def test_bad_durations_are_one_line_config_errors(text):
+    with pytest.raises(VisionFTError) as info:
+        build_config(None, [f"train.time_budget={text}"])
+    assert "train.time_budget" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_auto_epochs_scale_with_dataset_size():
+    assert auto_epochs(8) == AUTO_MAX_EPOCHS  # 800 steps would need 100 epochs
+    assert auto_epochs(49) == 17  # ELPV binary at batch 32
+    assert auto_epochs(10_000) == AUTO_MIN_EPOCHS
+
+
+def _planner(**kw):
+    defaults = dict(budget_s=600, steps_per_epoch=50, batch_size=32, val_images=400, test_images=600,
+                    max_epochs=60, started=0.0)
+    defaults.update(kw)
+    return BudgetPlanner(**defaults)
+
+
+def test_the_plan_fills_the_budget_after_the_end_costs(monkeypatch):
+    clock = {"now": 30.0}
+    monkeypatch.setattr("vision_ft.budget.time.monotonic", lambda: clock["now"])
+    planner = _planner()
+    planner.step_seconds = 1.0
+    planner.eval_seconds_per_image = 0.01
+    # an epoch: 50 s of steps + 4 s of validation; the end: 10 s of val+test, 20 s export + 4 s check
+    assert planner.estimated_epoch_seconds() == pytest.approx(54)
+    assert planner.final_seconds() == pytest.approx(34)
+    assert planner.plan(epochs_done=0) == int((600 - 30 - 34) // 54)
+    clock["now"] = 600 - 34 - 53  # one second short of another epoch
+    assert not planner.another_epoch_fits()
+    clock["now"] = 600 - 34 - 55
+    assert planner.another_epoch_fits()
+
+
+def test_the_plan_never_exceeds_the_cap_nor_drops_below_one_epoch(monkeypatch):
+    monkeypatch.setattr("vision_ft.budget.time.monotonic", lambda: 0.0)
+    planner = _planner(budget_s=10_000, max_epochs=12)
+    planner.step_seconds = 0.1
+    assert planner.plan(0) == 12
+    tight = _planner(budget_s=5)
+    tight.step_seconds = 1.0
+    assert tight.plan(0) == 1
+
+
+def test_step_time_is_measured_after_the_warmup_steps(monkeypatch):
+    times = iter([0.0, 5.0, 6.0] + [6.0 + 0.5 * i for i in range(1, 20)])
+    monkeypatch.setattr("vision_ft.budget.time.monotonic", lambda: next(times))
+    planner = _planner()
+    known = [planner.record_step() for _ in range(11)]
+    assert known[-1] and not any(known[:-1])
+    assert planner.step_seconds == pytest.approx(0.5)  # the slow first steps are left out
+
+
+def test_a_tight_budget_trains_at_a_smaller_size_instead_of_too_few_epochs():
+    from vision_ft.budget import MIN_BUDGET_EPOCHS, size_for_budget
+
+    # 2.4 s a step at 224 px, 49 steps an epoch, 9 minutes: about 3 epochs would fit
+    smaller = size_for_budget(224, 2.4, 49, 540, stride=32, min_size=96)
+    assert smaller == 128 and (smaller / 224) ** 2 * 2.4 * 49 * MIN_BUDGET_EPOCHS <= 0.75 * 540
+    assert size_for_budget(224, 0.5, 49, 540, stride=32, min_size=96) == 224  # 16 epochs fit: keep the size
+    assert size_for_budget(224, 30.0, 49, 540, stride=32, min_size=96) == 96  # never below the minimum
+
+
+def test_the_probe_times_a_real_training_step():
+    import torch
+
+    from vision_ft.budget import probe_step_seconds
+
+    seconds = probe_step_seconds("resnet18", num_classes=2, channels=3, image_size=32, batch_size=16,
+                                 device=torch.device("cpu"))
+    assert seconds > 0

@@ -1,0 +1,112 @@
+"""Resolving every `auto` setting of a config from the data, before the run folder is written.
+
+The run folder's config.yaml then holds plain numbers (what `eval`, `predict`, `export` and
+`--resume` rebuild the model from), and each choice is returned with its reason in words for
+the log and the report.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vision_ft.auto_size import choose_image_size
+from vision_ft.budget import (BUDGET_MAX_FACTOR, MIN_BUDGET_EPOCHS, auto_epochs, parse_duration, probe_step_seconds,
+                              size_for_budget)
+from vision_ft.config import Config
+from vision_ft.data.discover import Sample
+from vision_ft.data.loaders import class_counts
+from vision_ft.errors import VisionFTError
+from vision_ft.imbalance import choose_balance
+from vision_ft.lr_defaults import default_lr
+
+# Early-stopping patience: a quarter of the planned epochs, at least 3 (an EMA'd, smoothly
+# decaying run improves in small steps; 5 of 10 epochs cut runs off while still improving).
+MIN_PATIENCE = 3
+
+
+def auto_patience(epochs: int) -> int:
+    return max(MIN_PATIENCE, math.ceil(epochs / 4))
+
+
+# Selection metrics of the tasks whose choice does not depend on the data: smooth ones again.
+TASK_METRICS = {"multilabel": "macro_auroc", "regression": "rmse"}
+
+
+def auto_metric(num_classes: int) -> str:
+    """AUROC for two classes, the validation loss otherwise: both move smoothly with the
+    weights, unlike accuracy or macro-F1 at a fixed threshold on a small validation split."""
+    return "auroc" if num_classes == 2 else "loss"
+
+
+def steps_per_epoch(train_images: int, batch_size: int, processes: int) -> int:
+    per_process = train_images // max(1, processes)
+    return max(1, per_process // batch_size if per_process >= batch_size else 1)
+
+
+def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, processes: int) -> list[str]:
+    """Shrink an auto image size when the budget would buy fewer than MIN_BUDGET_EPOCHS epochs at it."""
+    from vision_ft.auto_size import MIN_SIZE, backbone_geometry
+    from vision_ft.run_model import default_device
+
+    _, stride, _ = backbone_geometry(config.model.name)
+    size = config.data.image_size
+    if size <= MIN_SIZE:
+        return []
+    budget_s = parse_duration(config.train.time_budget)
+    steps = steps_per_epoch(train_images, config.train.batch_size, processes)
+    step_s = probe_step_seconds(config.model.name, num_classes, config.data.channels, size, config.train.batch_size,
+                                default_device())
+    smaller = size_for_budget(size, step_s, steps, budget_s, stride, MIN_SIZE)
+    if smaller == size:
+        return []
+    config.data.image_size = smaller
+    return [f"data.image_size {smaller} px instead of {size} px: a step took {step_s:.2f} s at {size} px, so the "
+            f"{config.train.time_budget} budget would buy fewer than {MIN_BUDGET_EPOCHS} epochs of {steps} steps"]
+
+
+def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: list[str],
+                 processes: int = 1) -> tuple[Config, list[str]]:
+    """A copy of `config` with no `auto` left, and one sentence per choice made."""
+    resolved = config.model_copy(deep=True)
+    notes: list[str] = []
+    data, train = resolved.data, resolved.train
+    if data.image_size == "auto":
+        paths = [s.path for name in ("train", "val") for s in splits.get(name, [])]
+        choice = choose_image_size(paths, resolved.model.name, seed=data.split_seed)
+        data.image_size = choice.size
+        notes.append(f"data.image_size {choice.reason}")
+        if train.time_budget:
+            notes += _fit_size_to_budget(resolved, len(splits["train"]), len(class_names), processes)
+    if resolved.task == "classification":
+        mode, why = choose_balance(data.balance, class_counts(splits["train"], len(class_names)), class_names)
+        data.balance = mode
+        notes.append(f"data.balance {mode}: {why}")
+    elif data.balance in ("loss_weights", "sampler"):
+        hint = " (use train.pos_weight=auto for rare labels)" if resolved.task == "multilabel" else ""
+        raise VisionFTError(f"data.balance={data.balance} weighs classes, and a {resolved.task} run has none{hint}; "
+                            "set data.balance=none")
+    else:
+        data.balance = "none"
+    if train.lr == "auto":
+        train.lr = default_lr(resolved.finetune.strategy, train.batch_size, processes)
+        notes.append(f"train.lr {train.lr:.2g}: the {resolved.finetune.strategy} strategy's rate at batch "
+                     f"{train.batch_size * processes}")
+    if train.epochs == "auto":
+        steps = steps_per_epoch(len(splits["train"]), train.batch_size, processes)
+        epochs = auto_epochs(steps)
+        if train.time_budget:
+            epochs *= BUDGET_MAX_FACTOR
+            notes.append(f"train.epochs at most {epochs} ({BUDGET_MAX_FACTOR}x the auto epochs); the time budget "
+                         f"{train.time_budget} sets the number once the first steps are timed")
+        else:
+            notes.append(f"train.epochs {epochs}: {steps} steps an epoch, about {epochs * steps} optimizer steps")
+        train.epochs = epochs
+    stopping = train.early_stopping
+    if stopping.metric == "auto":
+        stopping.metric = TASK_METRICS.get(resolved.task) or auto_metric(len(class_names))
+        reason = f"{len(class_names)} classes" if resolved.task == "classification" else f"the {resolved.task} task's"
+        notes.append(f"selection by val {stopping.metric} ({reason})")
+    if stopping.patience == "auto" and not train.time_budget:  # with a budget: once the epochs are planned
+        stopping.patience = auto_patience(train.epochs)
+        notes.append(f"early-stopping patience {stopping.patience} epochs (a quarter of {train.epochs})")
+    return resolved, notes

@@ -1,0 +1,192 @@
+"""A wall-clock budget for a training run: how many epochs fit, and when to stop.
+
+`train.time_budget: 10m` starts the clock when training is asked for. The planner times the
+first optimizer steps, estimates what one epoch costs (training steps plus the validation
+pass) and what the end of the run costs (the final val/test evaluation and the ONNX export),
+and sets the number of epochs so that all of it ends inside the budget. After the first epoch
+the estimate is redone from the measured epoch, and before each epoch the loop asks whether
+another one still fits.
+
+Without a budget, `train.epochs: auto` scales with the dataset: enough optimizer steps for small
+datasets, few epochs for large ones (`auto_epochs`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
+
+# Optimizer steps `train.epochs: auto` aims for: about 800 steps of batch 32 fine-tune a
+# pretrained backbone on a few thousand images; datasets with many steps per epoch need fewer
+# passes. Clamped to 5..60 epochs.
+AUTO_TARGET_STEPS = 800
+AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 5, 60
+# A budget never plans more than this many times the auto epochs: past that, early stopping
+# ends the run anyway and the cosine schedule would stay near its peak for nothing.
+BUDGET_MAX_FACTOR = 3
+# A forward pass costs about a third of a training step (forward + backward + optimizer).
+EVAL_COST_PER_IMAGE = 0.35
+# onnx export, graph check and the onnxruntime comparison: ~15 s for EfficientNet-Lite0 on 2 cores.
+EXPORT_SECONDS = 20.0
+# Steps left out of the timing: the first ones start the loader workers and fill the allocator.
+WARMUP_STEPS = 2
+TIMED_STEPS = 8
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in "10m", "90s", "1h30m", "1.5h" or a plain number of seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(str(text))
+        if not match or not any(match.groups()):
+            raise ValueError(f"'{text}' is not a duration; write e.g. 10m, 90s, 1h30m")
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if seconds <= 0:
+        raise ValueError(f"'{text}' must be a positive duration, e.g. 10m")
+    return seconds
+
+
+def auto_epochs(steps_per_epoch: int) -> int:
+    """Epochs for `train.epochs: auto`: about AUTO_TARGET_STEPS optimizer steps, within 5..60."""
+    wanted = math.ceil(AUTO_TARGET_STEPS / max(1, steps_per_epoch))
+    return max(AUTO_MIN_EPOCHS, min(AUTO_MAX_EPOCHS, wanted))
+
+
+@dataclass
+class BudgetPlanner:
+    """Plans epochs to fit `budget_s` seconds counted from `started` (time.monotonic())."""
+
+    budget_s: float
+    steps_per_epoch: int
+    batch_size: int
+    val_images: int
+    test_images: int
+    max_epochs: int
+    evals_per_epoch: int = 1  # 2 when the weight average is evaluated too
+    tta_factor: int = 1  # 2 with flip test-time augmentation
+    export: bool = True
+    patience_auto: bool = False  # early-stopping patience follows the planned epochs
+    started: float = field(default_factory=time.monotonic)
+    step_seconds: float | None = None
+    epoch_seconds: float | None = None
+    eval_seconds_per_image: float | None = None  # measured on the validation passes
+    _step_times: list[float] = field(default_factory=list)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def remaining(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def record_step(self) -> bool:
+        """Call after every optimizer step of the first epoch; True once the step time is known."""
+        if self.step_seconds is not None:
+            return False
+        self._step_times.append(time.monotonic())
+        timed = min(TIMED_STEPS, max(1, self.steps_per_epoch - WARMUP_STEPS - 1))
+        if len(self._step_times) < WARMUP_STEPS + 1 + timed:
+            return False
+        times = self._step_times[WARMUP_STEPS:]
+        self.step_seconds = (times[-1] - times[0]) / (len(times) - 1)
+        return True
+
+    def elapsed_in_first_epoch(self) -> float:
+        """Time of the first epoch's steps so far (they are paid for by what has elapsed)."""
+        return len(self._step_times) * (self.step_seconds or 0.0)
+
+    def record_eval(self, seconds: float, images: int) -> None:
+        if images > 0:
+            self.eval_seconds_per_image = seconds / images
+
+    def _eval_seconds(self, images: int) -> float:
+        per_image = self.eval_seconds_per_image
+        if per_image is None:
+            per_image = (self.step_seconds or 0.0) / self.batch_size * EVAL_COST_PER_IMAGE
+        return images * per_image
+
+    def estimated_epoch_seconds(self) -> float:
+        if self.epoch_seconds is not None:
+            return self.epoch_seconds
+        train = self.steps_per_epoch * (self.step_seconds or 0.0)
+        return train + self.evals_per_epoch * self._eval_seconds(self.val_images)
+
+    def final_seconds(self) -> float:
+        """The end of the run: best checkpoint on val and test, then export and its check on val."""
+        seconds = self.tta_factor * self._eval_seconds(self.val_images + self.test_images)
+        if self.export:
+            seconds += EXPORT_SECONDS + self._eval_seconds(self.val_images)
+        return seconds
+
+    def plan(self, epochs_done: int, time_in_current_epoch: float = 0.0) -> int:
+        """Total epochs that fit: the ones done, plus whole epochs in what is left after the end's cost."""
+        per_epoch = max(1e-6, self.estimated_epoch_seconds())
+        # The current epoch, if one is running, is paid for already in part.
+        left = self.remaining() - self.final_seconds() + time_in_current_epoch
+        fitting = int(left // per_epoch)
+        return max(1, min(self.max_epochs, epochs_done + max(0, fitting)))
+
+    def another_epoch_fits(self) -> bool:
+        return self.remaining() >= self.estimated_epoch_seconds() + self.final_seconds()
+
+    def describe(self, epochs: int) -> str:
+        return (f"time budget {self.budget_s:.0f} s: {self.step_seconds or 0:.2f} s a step, ~{self.estimated_epoch_seconds():.0f} s "
+                f"an epoch with validation, ~{self.final_seconds():.0f} s for the final evaluation and export "
+                f"-> {epochs} epochs ({self.elapsed():.0f} s used so far)")
+
+
+# A budget that buys fewer epochs than this at the data's size trains at a smaller size instead:
+# the ELPV recipe that scored 85.5-86.4 % ran 8 epochs at 160 px; 3 epochs at 224 px were not
+# enough to converge from ImageNet weights.
+MIN_BUDGET_EPOCHS = 8
+PROBE_STEPS = 3
+# Images per probe step: the step time of CNNs on a CPU grows about linearly with the batch, so
+# a quarter of the batch costs a quarter of the probe's time.
+PROBE_BATCH = 8
+
+
+def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_size: int, batch_size: int,
+                       device: "torch.device") -> float:
+    """Seconds of one training step (forward, backward, optimizer) of `batch_size` images, timed on
+    a random batch of at most PROBE_BATCH and scaled, after one untimed step; random weights cost
+    the same arithmetic as pretrained ones."""
+    import torch
+    from torch import nn
+
+    from vision_ft.models.create import create_model
+
+    model = create_model(model_name, num_classes=num_classes, in_chans=channels, weights="none",
+                         image_size=image_size).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    probe_batch = min(batch_size, PROBE_BATCH)
+    images = torch.randn(probe_batch, channels, image_size, image_size, device=device)
+    labels = torch.randint(0, num_classes, (probe_batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    times = []
+    for _ in range(PROBE_STEPS + 1):
+        started = time.monotonic()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.monotonic() - started)
+    return sum(times[1:]) / PROBE_STEPS * batch_size / probe_batch
+
+
+def size_for_budget(size: int, step_seconds: float, steps_per_epoch: int, budget_s: float, stride: int,
+                    min_size: int) -> int:
+    """The largest size (a multiple of `stride`, at least `min_size`) at which MIN_BUDGET_EPOCHS
+    fit the budget, taking a step's time as proportional to the pixel count; `size` when they fit."""
+    # Validation, the final evaluation and export take about a quarter of a budget on top of the steps.
+    epochs = 0.75 * budget_s / max(1e-9, step_seconds * steps_per_epoch)
+    if epochs >= MIN_BUDGET_EPOCHS:
+        return size
+    wanted = size * math.sqrt(epochs / MIN_BUDGET_EPOCHS)
+    return max(min_size, int(wanted // stride) * stride)
