@@ -59,6 +59,20 @@ def test_the_plan_never_exceeds_the_cap_nor_drops_below_one_epoch(monkeypatch):
     assert tight.plan(0) == 1
 
 
+def test_a_budget_shorter_than_one_epoch_trains_the_steps_that_fit(monkeypatch):
+    clock = {"now": 20.0}
+    monkeypatch.setattr("vision_ft.budget.time.monotonic", lambda: clock["now"])
+    planner = _planner(budget_s=120, steps_per_epoch=500)
+    planner.step_seconds, planner.eval_seconds_per_image = 0.5, 0.01
+    planner._step_times = [0.0] * 11  # the steps timed so far
+    # left: 120 - 20 s elapsed - 34 s for the end - 4 s of validation = 62 s = 124 steps more
+    assert planner.steps_that_fit() == 11 + 124
+    roomy = _planner(budget_s=10_000, steps_per_epoch=500)
+    roomy.step_seconds, roomy._step_times = 0.5, [0.0] * 11
+    assert roomy.steps_that_fit() is None  # the whole epoch fits: no cut
+    assert _planner().steps_that_fit() is None  # not timed yet
+
+
 def test_step_time_is_measured_after_the_warmup_steps(monkeypatch):
     times = iter([0.0, 5.0, 6.0] + [6.0 + 0.5 * i for i in range(1, 20)])
     monkeypatch.setattr("vision_ft.budget.time.monotonic", lambda: next(times))

@@ -132,6 +132,17 @@ class BudgetPlanner:
         fitting = int(left // per_epoch)
         return max(1, min(self.max_epochs, epochs_done + max(0, fitting)))
 
+    def steps_that_fit(self) -> int | None:
+        """Optimizer steps of the running first epoch that still fit (with its validation pass and
+        the end of the run), when the whole epoch does not; None when it does. A dataset too large
+        for one epoch in the budget trains on part of an epoch instead of overrunning."""
+        if self.step_seconds is None or self.step_seconds <= 0:
+            return None
+        left = self.remaining() - self.final_seconds() - self.evals_per_epoch * self._eval_seconds(self.val_images)
+        done = len(self._step_times)
+        fitting = done + max(0, int(left // self.step_seconds))
+        return fitting if fitting < self.steps_per_epoch else None
+
     def another_epoch_fits(self) -> bool:
         return self.remaining() >= self.estimated_epoch_seconds() + self.final_seconds()
 

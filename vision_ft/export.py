@@ -39,7 +39,7 @@ import vision_ft
 from vision_ft.config import Config
 from vision_ft.data.decode import load_image
 from vision_ft.data.discover import Sample
-from vision_ft.data.pixel_policy import PixelPolicy, policy_from_config
+from vision_ft.data.pixel_policy import policy_from_config, policy_from_metadata
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
@@ -226,7 +226,7 @@ def torch_logits(model: nn.Module, images: list[Path], metadata: ModelMetadata) 
     """Logits of `model` on `images` through the training evaluation pipeline (decode + albumentations)."""
     transform = build_transforms([], metadata.mean, metadata.std, train=False)
     size = tuple(metadata.input_size)
-    pixels = PixelPolicy.from_settings(metadata.intensity, metadata.dicom_window, metadata.dicom_frame)
+    pixels = policy_from_metadata(metadata)
     batch = torch.stack([transform(image=load_image(p, metadata.channels, size, pixels=pixels))["image"] for p in images])
     return model(batch).float().numpy()
 

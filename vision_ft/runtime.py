@@ -24,11 +24,16 @@ import numpy as np
 import onnxruntime as ort
 
 from vision_ft.data.decode import ImageSource, load_image
-from vision_ft.data.pixel_policy import PixelPolicy
+from vision_ft.data.pixel_policy import policy_from_metadata
 from vision_ft.decision import UNCERTAIN, DecisionRule
 from vision_ft.errors import VisionFTError
 from vision_ft.onnx_metadata import ModelMetadata
-from vision_ft.tasks.postprocess import label_sets, onnx_outputs_to_scores, prediction_table, softmax  # noqa: F401
+from vision_ft.tasks.postprocess import (  # noqa: F401
+    label_sets,
+    onnx_outputs_to_scores,
+    prediction_table,
+    softmax,
+)
 
 # The label of an image the model gave no usable answer for (non-finite outputs, an unreadable
 # file skipped on request); `Prediction.error` says why. Never one of the class names.
@@ -115,7 +120,7 @@ class OnnxClassifier:
         # One float32 value per (pixel value, channel): (v / 255 - mean) / std, rounded once from
         # float64. Matches albumentations' Normalize to within 1 ulp (2.4e-7 measured).
         self._lut = ((np.arange(256, dtype=np.float64)[:, None] / 255.0 - mean) / std).astype(np.float32)
-        self.pixels = PixelPolicy.from_settings(metadata.intensity, metadata.dicom_window, metadata.dicom_frame)
+        self.pixels = policy_from_metadata(metadata)
         self._check_signature()
         # Temperature and thresholds chosen after training; the same numpy code as torch's path.
         self.rule = DecisionRule.from_json(metadata.decision, list(metadata.class_names))

@@ -175,6 +175,7 @@ class TrainingLoop:
     budget: BudgetPlanner | None = None  # train.time_budget: plans the epochs that fit
     notes: list[str] = field(default_factory=list)  # what the `auto` settings chose, for the log and report
     after_step: Callable[[int], None] | None = None  # called after every optimizer step (average, budget timing)
+    max_steps: int | None = None  # a budget too short for one whole epoch: stop after this many steps
 
     def rewrap(self) -> None:
         """(Re)build the DDP wrapper: DDP registers its gradient hooks for the parameters that
@@ -221,6 +222,8 @@ def _train_one_epoch(loop: TrainingLoop, step: int, epoch: int) -> tuple[float, 
                disable=not context.is_main or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     for images, labels in bar:
+        if loop.max_steps is not None and step >= loop.max_steps:
+            break  # the time budget has no room for the rest of this epoch
         apply_learning_rates(optimizer, step, **loop.schedule, min_ratio=config.train.min_lr_ratio)
         images = images.to(context.device, non_blocking=True)
         labels = labels.to(context.device, non_blocking=True)
@@ -571,6 +574,15 @@ def _plan_epochs(loop: TrainingLoop, epochs_done: int) -> None:
         return
     config.train.epochs = epochs
     loop.schedule["total_steps"] = len(loop.train_loader) * epochs
+    partial = distributed.broadcast_from_main(context, budget.steps_that_fit() if epochs == 1 and not epochs_done
+                                              else None)
+    if partial is not None:  # not even one epoch fits: train part of it, on a schedule that ends there
+        loop.max_steps = loop.schedule["total_steps"] = max(1, partial)
+        loop.schedule["warmup_steps"] = min(loop.schedule["warmup_steps"], loop.max_steps // 5)
+        note = (f"time budget {budget.budget_s:.0f} s: one epoch of {budget.steps_per_epoch} steps does not fit "
+                f"({budget.step_seconds:.2f} s a step); training {loop.max_steps} steps of it")
+        log.warning("%s", note)
+        loop.notes.append(note)
     if budget.patience_auto:
         config.train.early_stopping.patience = auto_patience(epochs)
     note = budget.describe(epochs)

@@ -13,6 +13,11 @@ if [ ! -f "$weights" ]; then
   vision-ft weights import "$source_weights" --model tf_efficientnet_lite0 --out "$weights"
 fi
 
+# The defaults, inside a 9-minute budget: image size, epochs, learning rate, selection and class
+# balance are chosen from the data and the machine's measured step time (docs/defaults.md).
+# The published protocol holds out 25 % of the cells for test. configs/elpv.yaml pins the
+# settings of earlier README numbers instead (85.5-86.4 %).
 start=$(date +%s)
-vision-ft train --config configs/elpv.yaml --data "$work/elpv/binary" --weights "$weights" "$@"
+vision-ft train --data "$work/elpv/binary" --model tf_efficientnet_lite0 --weights "$weights" \
+  --set data.test_fraction=0.25 --budget 9m "$@"
 echo "training + evaluation took $(( $(date +%s) - start )) s"

@@ -11,8 +11,8 @@
    metrics with percentile-bootstrap intervals (2000 resamples, stratified by class).
 
 Sized for 2 CPU cores: ResNet-18 from scratch at 28 px, the MedMNIST setting, with 6 epochs
-instead of their 100 (41 minutes measured on a 2-core machine shared with seven other jobs;
-aimed at 15 on two free cores). A CV folder is resumed when interrupted.
+instead of their 100 (4.0 minutes measured on an idle 2-core CPU; 41 on one shared with seven
+other jobs). A CV folder is resumed when interrupted.
 The images carry no patient ids, so this study is not grouped; with real data set
 ``data.group_by`` (e.g. ``--set data.group_by=patient_id``) and every fold keeps patients whole.
 """

@@ -8,13 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from vision_ft.anomaly.data import good_only_folder
-from vision_ft.anomaly.evaluate import add_intervals, anomaly_metrics, score_loader, scoring_batch_size
+from vision_ft.anomaly.evaluate import (
+    add_intervals,
+    anomaly_metrics,
+    score_loader,
+    scoring_batch_size,
+)
 from vision_ft.anomaly.model_file import load_anomaly_run
 from vision_ft.anomaly.plots import plot_score_histogram
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import discover
 from vision_ft.data.loaders import build_loader
+from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.run_model import default_device
@@ -36,13 +42,15 @@ def evaluate_anomaly_run(run_dir: Path, data: Path, split: str | None = None, sk
     if good_class not in index.class_names:
         raise VisionFTError(f"{data} has no '{good_class}' class (classes: {', '.join(index.class_names)}); the run "
                             "counts that class as good and every other class as defective")
-    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers))
+    pixels = policy_from_config(cfg.data)
+    bad = find_bad_images([s.path for s in samples], workers=max(1, cfg.data.workers), pixels=pixels,
+                          max_pixels=cfg.data.max_pixels)
     if bad and not skip_bad_images:
         raise VisionFTError(f"{len(bad)} unreadable images in {data}, e.g. {bad[0][0]} ({bad[0][1]}); "
                             "remove them or pass --skip-bad-images")
     samples = [s for s in samples if s.path not in {p for p, _ in bad}]
     dataset = ImageDataset(samples, build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
+                           cfg.data.channels, cfg.data.image_size, max_pixels=cfg.data.max_pixels, pixels=pixels)
     loader = build_loader(dataset, scoring_batch_size(loaded.scorer, cfg.train.batch_size), train=False,
                           workers=cfg.data.workers)
     scores, _, labels, _ = score_loader(loaded.scorer, loader, device, "eval")

@@ -22,10 +22,20 @@ from vision_ft.anomaly.decision import is_defective
 from vision_ft.anomaly.model_file import load_anomaly_run
 from vision_ft.anomaly.runtime import MAP_OUTPUT, TASK, OnnxAnomalyDetector
 from vision_ft.data.decode import load_image
+from vision_ft.data.pixel_policy import policy_from_config, policy_from_metadata
 from vision_ft.data.split import load_split, split_fingerprint
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
-from vision_ft.export import OPSET, ExportResult, Verification, _check_destination, partial_path, save_checked, to_onnx, verification_images
+from vision_ft.export import (
+    OPSET,
+    ExportResult,
+    Verification,
+    _check_destination,
+    partial_path,
+    save_checked,
+    to_onnx,
+    verification_images,
+)
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
 from vision_ft.runtime import open_session
@@ -52,7 +62,7 @@ def _metadata(loaded) -> ModelMetadata:  # noqa: ANN001 - LoadedAnomalyRun
         class_names=["good", "defective"], input_size=[cfg.data.image_size, cfg.data.image_size],
         channels=cfg.data.channels, mean=[float(v) for v in loaded.mean], std=[float(v) for v in loaded.std],
         backbone=cfg.model.name, vision_ft_version=vision_ft.__version__, split_fingerprint=split_fingerprint(splits),
-        finetune_strategy="frozen", output_name="score",
+        finetune_strategy="frozen", output_name="score", task="anomaly", **policy_from_config(cfg.data).settings(),
         extra={"task": TASK, "map_output": MAP_OUTPUT, "uncertain_band": cfg.anomaly.uncertain_band,
                "good_class": cfg.anomaly.good_class, "threshold_raw": threshold["raw"],
                "threshold_scale": threshold["scale"], "threshold_rule": threshold["rule"],
@@ -70,7 +80,8 @@ def torch_scores(scorer: torch.nn.Module, images: list[Path], metadata: ModelMet
     """Scores and maps of the torch model through the training evaluation pipeline."""
     transform = build_transforms([], metadata.mean, metadata.std, train=False)
     size = tuple(metadata.input_size)
-    batch = torch.stack([transform(image=load_image(p, metadata.channels, size))["image"] for p in images])
+    pixels = policy_from_metadata(metadata)
+    batch = torch.stack([transform(image=load_image(p, metadata.channels, size, pixels=pixels))["image"] for p in images])
     scores, maps = scorer(batch)
     return scores.numpy(), maps.numpy()
 

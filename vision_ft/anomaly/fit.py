@@ -22,7 +22,13 @@ from tqdm import tqdm
 
 from vision_ft.anomaly.coreset import greedy_coreset
 from vision_ft.anomaly.data import AnomalyData, anomaly_splits
-from vision_ft.anomaly.evaluate import add_intervals, anomaly_metrics, format_anomaly_summary, score_loader, scoring_batch_size
+from vision_ft.anomaly.evaluate import (
+    add_intervals,
+    anomaly_metrics,
+    format_anomaly_summary,
+    score_loader,
+    scoring_batch_size,
+)
 from vision_ft.anomaly.features import PatchFeatureExtractor, build_extractor
 from vision_ft.anomaly.plots import plot_score_histogram
 from vision_ft.anomaly.reservoir import PatchReservoir
@@ -34,6 +40,7 @@ from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.decode import find_bad_images
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import build_loader
+from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.split import save_split
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
@@ -51,7 +58,8 @@ def _progress_disabled() -> bool:
 
 def _drop_unreadable(config: Config, data: AnomalyData) -> AnomalyData:
     every = [s.path for part in data.splits.values() for s in part]
-    bad = find_bad_images(every, workers=max(1, config.data.workers))
+    bad = find_bad_images(every, workers=max(1, config.data.workers), pixels=policy_from_config(config.data),
+                          max_pixels=config.data.max_pixels)
     if not bad:
         return data
     listed = ", ".join(f"{p} ({why})" for p, why in bad[:3])
@@ -65,7 +73,8 @@ def _drop_unreadable(config: Config, data: AnomalyData) -> AnomalyData:
 
 def _loader(config: Config, samples: list[Sample], mean: list[float], std: list[float], batch: int) -> Any:
     dataset = ImageDataset(samples, build_transforms([], mean, std, train=False), config.data.channels,
-                           config.data.image_size, skip_bad=config.data.skip_bad_images)
+                           config.data.image_size, skip_bad=config.data.skip_bad_images,
+                           max_pixels=config.data.max_pixels, pixels=policy_from_config(config.data))
     return build_loader(dataset, batch, train=False, workers=config.data.workers)
 
 

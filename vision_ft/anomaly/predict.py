@@ -16,6 +16,7 @@ from vision_ft.anomaly.runtime import OnnxAnomalyDetector
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import build_loader
+from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.run_model import default_device
 
@@ -34,7 +35,8 @@ def predict_anomaly_run(run_dir: Path, images: list[Path], batch_size: int | Non
     loaded = load_anomaly_run(run_dir, device)
     cfg = loaded.config
     dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
+                           cfg.data.channels, cfg.data.image_size, max_pixels=cfg.data.max_pixels,
+                           pixels=policy_from_config(cfg.data))
     batch = scoring_batch_size(loaded.scorer, batch_size or cfg.train.batch_size)
     loader = build_loader(dataset, batch, train=False, workers=cfg.data.workers)
     scores, _, _, maps = score_loader(loaded.scorer, loader, device, "predict", maps=True)

@@ -13,6 +13,7 @@ worker) and not on what ran before: a resumed run repeats them bit for bit (same
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import sys
 import weakref
@@ -211,6 +212,24 @@ class _OneLineErrorLoader(DataLoader):
             raise VisionFTError(last.removeprefix(prefix).removeprefix("VisionFTError: ")) from None
 
 
+# Imported once by the fork server; each worker is a fork of that clean process.
+_WORKER_PRELOAD = ["torch", "numpy", "albumentations", "vision_ft.data.dataset", "vision_ft.data.transforms"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """Where loader workers start: a fork server (Linux) that has imported torch and the data
+    pipeline once. Forking the training process itself copies locks held by its other native
+    threads (onnxruntime's and the BLAS pools after an export check, a notebook's) into the
+    child, which can then wait on them forever: a process that exported a model and trained
+    again (a hyperparameter search, a script training twice) hung in its first batch. A fork of
+    the clean server starts as fast and inherits no such lock. Elsewhere: Python's default."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_WORKER_PRELOAD)
+    return context
+
+
 def _rank_and_world(distributed: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not distributed:
         return 0, 1
@@ -272,6 +291,7 @@ def build_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         worker_init_fn=_seed_worker if workers > 0 else None,
+        multiprocessing_context=worker_context() if workers > 0 else None,
         generator=generator,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,

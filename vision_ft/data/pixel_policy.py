@@ -36,3 +36,8 @@ class PixelPolicy:
 def policy_from_config(data: Any) -> PixelPolicy:
     """The PixelPolicy of a config's `data` section."""
     return PixelPolicy.from_settings(data.intensity, data.dicom_window, data.dicom_frame)
+
+
+def policy_from_metadata(metadata: Any) -> PixelPolicy:
+    """The PixelPolicy an exported model's metadata (`vision_ft.onnx_metadata.ModelMetadata`) records."""
+    return PixelPolicy.from_settings(metadata.intensity, metadata.dicom_window, metadata.dicom_frame)

@@ -11,6 +11,7 @@ from torch import nn
 
 from vision_ft.config import Config
 from vision_ft.data.decode import load_image
+from vision_ft.data.pixel_policy import policy_from_metadata
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.heatmaps.cam import CAM_OUTPUT, CamClassifier, has_linear_cam
@@ -31,7 +32,8 @@ def check_cam_export(cam_model: CamClassifier, onnx_path: Path, images: list[Pat
     """Largest |onnxruntime - torch| class-activation-map difference; raises past the tolerance."""
     transform = build_transforms([], metadata.mean, metadata.std, train=False)
     size = tuple(metadata.input_size)
-    batch = torch.stack([transform(image=load_image(p, metadata.channels, size))["image"] for p in images])
+    pixels = policy_from_metadata(metadata)
+    batch = torch.stack([transform(image=load_image(p, metadata.channels, size, pixels=pixels))["image"] for p in images])
     expected = cam_model(batch)[1].numpy()
     # The model's own input, so this compares the graphs; the logits check covers preprocessing.
     got = open_session(onnx_path).run([CAM_OUTPUT], {metadata.input_name: batch.numpy()})[0]

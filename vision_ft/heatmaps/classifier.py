@@ -12,6 +12,7 @@ from tqdm import tqdm
 from vision_ft.data.dataset import ImageDataset
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import build_loader
+from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.heatmaps.cam import CamClassifier, has_linear_cam
 from vision_ft.heatmaps.gradcam import gradcam
@@ -29,7 +30,8 @@ def run_heatmaps(run_dir: Path, images: list[Path], batch_size: int | None = Non
     loaded = load_run(run_dir, device=device)
     cfg = loaded.config
     dataset = ImageDataset([Sample(p, 0) for p in images], build_transforms([], loaded.mean, loaded.std, train=False),
-                           cfg.data.channels, cfg.data.image_size)
+                           cfg.data.channels, cfg.data.image_size, max_pixels=cfg.data.max_pixels,
+                           pixels=policy_from_config(cfg.data))
     loader = build_loader(dataset, batch_size or cfg.train.batch_size, train=False, workers=cfg.data.workers)
     exact = has_linear_cam(loaded.model, cfg.data.channels, cfg.data.image_size)
     cam_model = CamClassifier(loaded.model).eval() if exact else None
