@@ -116,7 +116,7 @@ def run_one(dataset: str, variant: str, data: Path, out: Path, budget: str, unbo
 
     config = yaml.safe_load((run / "config.yaml").read_text())
     return {
-        "dataset": dataset, "variant": variant, "command": " ".join(args[1:]).replace(str(REPO) + "/", ""),
+        "dataset": dataset, "variant": variant, "command": " ".join(args[1:]).replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../"),
         "seconds": round(seconds), "epochs_run": len(history), "best_epoch": metrics.get("best_epoch"),
         "image_size": config["data"]["image_size"], "budget": None if "--budget" not in args else budget,
         "test": {k: metrics["test"][k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "num_samples")},
