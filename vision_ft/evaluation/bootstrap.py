@@ -202,6 +202,14 @@ def bootstrap_metrics(
         size = min(_CHUNK, n_resamples - start)
         for name, values in _resampled_metrics(labels, scores, predicted, groups, positive, with_auroc, size, rng).items():
             chunks[name].append(values)
+    return percentile_intervals(point, chunks, confidence)
+
+
+def percentile_intervals(point: dict[str, np.ndarray], chunks: dict[str, list[np.ndarray]],
+                         confidence: float) -> dict[str, dict[str, float | None]]:
+    """{metric: {"value", "low", "high"}} from each metric's point estimate (a 1-element array)
+    and its resampled values (chunks of arrays); non-finite resamples are left out, and a value
+    that is not a number becomes None."""
     tail = 100 * (1 - confidence) / 2
     result: dict[str, dict[str, float | None]] = {}
     for name, values in chunks.items():

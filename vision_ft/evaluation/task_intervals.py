@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vision_ft.evaluation.bootstrap import _CHUNK, DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, resample_weights, weighted_auroc
+from vision_ft.evaluation.bootstrap import (_CHUNK, DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, percentile_intervals,
+                                            resample_weights, weighted_auroc)
 
 Interval = dict[str, float | None]
 
@@ -29,6 +30,15 @@ def _weighted_f1(weights: np.ndarray, truth: np.ndarray, predicted: np.ndarray) 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     denominator = 2 * tp + fp + fn
     return np.where(denominator > 0, 2 * tp / np.where(denominator > 0, denominator, 1), 0.0)  # sklearn: 0 when empty
+
+
+def _mean_over_present(values: list[np.ndarray]) -> np.ndarray:
+    """Per weight row, the mean of the finite values among `values` (a resample may lack a label's
+    positives, or a target's spread); NaN where none is finite."""
+    stacked = np.stack(values)
+    present = np.isfinite(stacked)
+    total = np.where(present, stacked, 0).sum(axis=0)
+    return np.where(present.any(axis=0), total / np.maximum(present.sum(axis=0), 1), np.nan)
 
 
 def multilabel_resampled(weights: np.ndarray, targets: np.ndarray, probabilities: np.ndarray,
@@ -49,10 +59,7 @@ def multilabel_resampled(weights: np.ndarray, targets: np.ndarray, probabilities
     flat_truth = truth.ravel()
     result = {"macro_f1": np.mean(f1s, axis=0), "micro_f1": _f1(tp_all, fp_all, fn_all)}
     if aurocs:
-        stacked = np.stack(aurocs)
-        present = np.isfinite(stacked)  # a resample may lack a label's positives or negatives
-        result["macro_auroc"] = np.where(present.any(axis=0), np.where(present, stacked, 0).sum(axis=0)
-                                         / np.maximum(present.sum(axis=0), 1), np.nan)
+        result["macro_auroc"] = _mean_over_present(aurocs)
     if flat_truth.any() and not flat_truth.all():
         result["micro_auroc"] = weighted_auroc(pooled, flat_truth, probabilities.ravel())
     return result
@@ -76,13 +83,7 @@ def regression_resampled(weights: np.ndarray, predicted: np.ndarray, true: np.nd
             rows["mae"].append((weights @ np.abs(error)) / total[:, 0])
             rows["r2"].append(np.where(sst > 0, 1 - sse / sst, np.nan))
             rows["pearson"].append(np.where((spp > 0) & (sst > 0), spt / np.sqrt(spp * sst), np.nan))
-    result = {}
-    for name, values in rows.items():
-        stacked = np.stack(values)
-        present = np.isfinite(stacked)
-        result[name] = np.where(present.any(axis=0), np.where(present, stacked, 0).sum(axis=0)
-                                / np.maximum(present.sum(axis=0), 1), np.nan)
-    return result
+    return {name: _mean_over_present(values) for name, values in rows.items()}
 
 
 def bootstrap_task_metrics(
@@ -106,12 +107,4 @@ def bootstrap_task_metrics(
                                    min(_CHUNK, n_resamples - start), rng)
         for name, values in metric_rows(weights).items():
             chunks[name].append(values)
-    tail = 100 * (1 - confidence) / 2
-    result: dict[str, Interval] = {}
-    for name, values in chunks.items():
-        resampled = np.concatenate(values)
-        finite = resampled[np.isfinite(resampled)]
-        low, high = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan, np.nan)
-        result[name] = {key: (None if not np.isfinite(v) else float(v)) for key, v in
-                        (("value", float(point[name][0])), ("low", low), ("high", high))}
-    return result
+    return percentile_intervals(point, chunks, confidence)

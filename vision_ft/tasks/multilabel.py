@@ -119,8 +119,9 @@ class MultilabelTask(Task):
     def loss(self, train: list[Sample], device: torch.device) -> LossFn:
         weights = self._pos_weight(train)
         pos_weight = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
-        criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-        return lambda outputs, targets: criterion(outputs, targets.float())
+        # Targets arrive as float32 0/1 vectors (ImageDataset); the module itself is returned so
+        # the loop can log its pos_weight.
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
     def scores(self, outputs: torch.Tensor) -> np.ndarray:
         return torch.sigmoid(outputs.float()).cpu().numpy().astype(np.float64)
