@@ -55,7 +55,7 @@ def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, pro
     budget_s = parse_duration(config.train.time_budget)
     steps = steps_per_epoch(train_images, config.train.batch_size, processes)
     step_s = probe_step_seconds(config.model.name, num_classes, config.data.channels, size, config.train.batch_size,
-                                default_device())
+                                default_device(), config.train.memory_format)
     smaller = size_for_budget(size, step_s, steps, budget_s, stride, MIN_SIZE)
     if smaller == size:
         return []
@@ -70,6 +70,13 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
     resolved = config.model_copy(deep=True)
     notes: list[str] = []
     data, train = resolved.data, resolved.train
+    if train.memory_format == "auto":
+        from vision_ft.memory_format import resolve_memory_format
+        from vision_ft.run_model import default_device
+
+        device = default_device()
+        train.memory_format = resolve_memory_format("auto", device)
+        notes.append(f"train.memory_format {train.memory_format}: the faster layout for convolutions on {device.type}")
     if data.image_size == "auto":
         paths = [s.path for name in ("train", "val") for s in splits.get(name, [])]
         choice = choose_image_size(paths, resolved.model.name, seed=data.split_seed)

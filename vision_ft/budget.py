@@ -163,17 +163,20 @@ PROBE_BATCH = 8
 
 
 def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_size: int, batch_size: int,
-                       device: "torch.device") -> float:
+                       device: "torch.device", memory_format: str = "auto") -> float:
     """Seconds of one training step (forward, backward, optimizer) of `batch_size` images, timed on
-    a random batch of at most PROBE_BATCH and scaled, after one untimed step; random weights cost
-    the same arithmetic as pretrained ones."""
+    a random batch of at most PROBE_BATCH and scaled, after one untimed step, in the weights'
+    layout training uses (`train.memory_format`); random weights cost the same arithmetic as
+    pretrained ones."""
     import torch
     from torch import nn
 
+    from vision_ft.memory_format import apply_memory_format
     from vision_ft.models.create import create_model
 
     model = create_model(model_name, num_classes=num_classes, in_chans=channels, weights="none",
                          image_size=image_size).to(device).train()
+    apply_memory_format(model, memory_format, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     probe_batch = min(batch_size, PROBE_BATCH)
     images = torch.randn(probe_batch, channels, image_size, image_size, device=device)

@@ -350,6 +350,19 @@ def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer, state: 
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise _damaged(folder, f"the optimizer state does not load: {str(exc)[:80]}") from None
+    _match_parameter_layouts(optimizer)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each moment its parameter's memory layout: the files hold contiguous tensors, and the
+    fused AdamW kernels pair elements by memory position, so a channels-last weight updated with
+    contiguous moments would be updated with the wrong elements' moments."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            moments = optimizer.state.get(param, {})
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    moments[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 # ---------------------------------------------------------------- the metrics log beside the checkpoints

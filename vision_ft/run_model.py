@@ -14,6 +14,7 @@ from vision_ft.data.split import load_split
 from vision_ft.finetune.build import build_strategy
 from vision_ft.models.create import create_model, pretrained_normalisation
 from vision_ft.errors import VisionFTError
+from vision_ft.memory_format import apply_memory_format
 from vision_ft.run_folder import RunFolder, open_run_folder
 from vision_ft.run_lock import tidy_if_idle
 from vision_ft.tasks import build_task
@@ -80,6 +81,7 @@ def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = 
     build_strategy(config.finetune).adapt(model)
     load_model_weights(run.best if checkpoint == "best" else run.last, model)
     model.eval().to(device)
+    apply_memory_format(model, config.train.memory_format, torch.device(device))
     mean, std = normalisation(config, model)
     return LoadedRun(run, config, class_names, model, mean, std, task)
 

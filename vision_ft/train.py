@@ -60,6 +60,7 @@ from vision_ft.imbalance import val_test_disagreements
 from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.interrupts import sigterm_as_interrupt
+from vision_ft.memory_format import apply_memory_format
 from vision_ft.inference import eval_loader, infer
 from vision_ft.metrics import format_summary
 from vision_ft.models.create import check_model_name
@@ -443,6 +444,7 @@ def _build_model(config: Config, num_classes: int, resume: bool,
     strategy.adapt(model)
     strategy.set_trainable(model, epoch=1)
     model.to(device)
+    apply_memory_format(model, config.train.memory_format, device)
     mean, std = normalisation(config, model)
     log.info("model %s (%s weights), input %d px × %d channels, mean %s std %s", config.model.name,
              "checkpoint" if resume else config.model.weights, config.data.image_size, config.data.channels,
