@@ -20,6 +20,10 @@ subprocess: on CPU the growth of the resident set size (VmHWM after resetting it
 covers activations, gradients, optimizer state and caches; on CUDA
 torch.cuda.max_memory_allocated() minus the memory allocated before the first step.
 
+Every method runs in the contiguous (NCHW) layout `vision-ft train` gives LoRA runs
+(train.memory_format auto; other strategies train channels-last on CPU); --memory-format
+channels_last measures all four in that layout instead.
+
 On CPU the process tunes glibc's malloc the way `vision-ft train` does (vision_ft.cpu_memory:
 freed activations stay in the process instead of being page-faulted in again every step);
 --plain-malloc measures with glibc's defaults. Plain glibc makes every method slower and the
@@ -46,6 +50,7 @@ from torch import nn
 
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.finetune.lora import apply_lora
+from vision_ft.memory_format import apply_memory_format
 from vision_ft.train import build_optimizer
 
 MODELS = ("resnet18", "tf_efficientnet_lite0")
@@ -84,9 +89,11 @@ def build(model_name: str, method: str, rank: int, seed: int = 0) -> nn.Module:
     return model.train()
 
 
-def make_step(model: nn.Module, method: str, batch: int, size: int, device: torch.device) -> Callable[[], None]:
+def make_step(model: nn.Module, method: str, batch: int, size: int, device: torch.device,
+              memory_format: str = "contiguous") -> Callable[[], None]:
     """One training step on a fixed random batch."""
     model.to(device)
+    apply_memory_format(model, memory_format, device)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
@@ -116,7 +123,8 @@ def time_methods(model_name: str, methods: list[str], args: argparse.Namespace,
     CPU time is reported beside wall time because the machine may be shared: other processes
     stretch wall time, CPU time much less (OpenMP spin-waits still count in it).
     """
-    steps = {m: make_step(build(model_name, m, args.rank), m, args.batch, args.size, device) for m in methods}
+    steps = {m: make_step(build(model_name, m, args.rank), m, args.batch, args.size, device, args.memory_format)
+             for m in methods}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -144,7 +152,7 @@ def _rss_kib(field: str) -> int | None:
 
 def measure_memory(model_name: str, method: str, args: argparse.Namespace, device: torch.device) -> dict[str, object]:
     """Peak memory growth (MiB) over the state just before the first training step."""
-    step = make_step(build(model_name, method, args.rank), method, args.batch, args.size, device)
+    step = make_step(build(model_name, method, args.rank), method, args.batch, args.size, device, args.memory_format)
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -169,7 +177,7 @@ def measure_memory(model_name: str, method: str, args: argparse.Namespace, devic
 def memory_in_subprocess(model_name: str, method: str, args: argparse.Namespace) -> dict[str, object]:
     command = [sys.executable, __file__, "--memory-probe", model_name, method, "--rank", str(args.rank),
                "--batch", str(args.batch), "--size", str(args.size), "--memory-steps", str(args.memory_steps),
-               "--device", args.device] + (["--plain-malloc"] if args.plain_malloc else [])
+               "--device", args.device, "--memory-format", args.memory_format] + (["--plain-malloc"] if args.plain_malloc else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return {"peak_mib": None, "how": f"probe failed: {result.stderr.strip().splitlines()[-1:]}"}
@@ -233,6 +241,8 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory-format", default="contiguous", choices=["channels_last", "contiguous"],
+                        help="weight layout of every method (contiguous: as vision-ft train runs LoRA)")
     parser.add_argument("--plain-malloc", action="store_true",
                         help="leave glibc's malloc as it is (vision-ft train tunes it on CPU: vision_ft.cpu_memory)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
@@ -293,7 +303,7 @@ def main() -> None:
             "settings": {"batch": args.batch, "image_size": args.size, "rank": args.rank, "alpha": 2 * args.rank,
                          "steps": args.steps, "warmup": args.warmup, "optimizer": "AdamW (fused on CPU and CUDA)",
                          "timing": "median of interleaved steps, forward + backward + optimizer step",
-                         "malloc": malloc},
+                         "malloc": malloc, "memory_format": args.memory_format},
             "device_info": device_info(device),
             "load_average": {"before": load_before, "after": load_average()},
         }

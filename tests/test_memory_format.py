@@ -23,6 +23,9 @@ def test_auto_is_channels_last_on_cpu_and_contiguous_on_cuda() -> None:
     assert resolve_memory_format("auto", torch.device("cpu")) == "channels_last"
     assert resolve_memory_format("auto", torch.device("cuda")) == "contiguous"
     assert resolve_memory_format("contiguous", torch.device("cpu")) == "contiguous"
+    # LoRA's CPU convolution path works on NCHW planes: its runs stay contiguous.
+    assert resolve_memory_format("auto", torch.device("cpu"), "lora") == "contiguous"
+    assert resolve_memory_format("channels_last", torch.device("cpu"), "lora") == "channels_last"
     conv = apply_memory_format(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(2, 2)), "auto", torch.device("cpu"))
     assert _channels_last(conv[0].weight) and conv[1].weight.is_contiguous()
 

@@ -75,8 +75,11 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
         from vision_ft.run_model import default_device
 
         device = default_device()
-        train.memory_format = resolve_memory_format("auto", device)
-        notes.append(f"train.memory_format {train.memory_format}: the faster layout for convolutions on {device.type}")
+        strategy = resolved.finetune.strategy
+        train.memory_format = resolve_memory_format("auto", device, strategy)
+        why = "the LoRA convolution's CPU path works on NCHW planes" if strategy == "lora" and device.type == "cpu" \
+            else f"the faster layout for convolutions on {device.type}"
+        notes.append(f"train.memory_format {train.memory_format}: {why}")
     if data.image_size == "auto":
         paths = [s.path for name in ("train", "val") for s in splits.get(name, [])]
         choice = choose_image_size(paths, resolved.model.name, seed=data.split_seed)

@@ -1,10 +1,13 @@
 """`train.memory_format`: the layout of the model's 4-D weights (and so of its activations).
 
-Channels-last (NHWC) lets oneDNN run convolutions without converting layouts around them. On
-CPU it trained 1.3-1.4x faster per step for EfficientNet-B0, MobileNetV3, RegNetY and DenseNet
-and 1.45x for EfficientNet-Lite0 (2-core x86 CPU, batch 32, 128-224 px), and it was never
-slower beyond noise (ResNet, ConvNeXt, ViT: 0.99-1.06x at 128 px): `auto` picks it on CPU. On
-CUDA `auto` keeps the contiguous (NCHW) layout the Triton LoRA kernel is written for.
+Channels-last (NHWC) lets oneDNN run convolutions without converting layouts around them. On a
+2-core x86 CPU (batch 32, 128 px, benchmarks/memory_format.py) a training step was 1.4x faster
+for EfficientNet-Lite0, EfficientNet-B0 and MobileNetV3, 1.1-1.2x for ResNet-18/50, RegNetY,
+DenseNet and ConvNeXt, and unchanged for ViT: `auto` picks it on CPU. LoRA
+runs stay contiguous (NCHW): the LoRA convolution's CPU path works on NCHW planes, and in
+channels-last its step cost 1.24x (ResNet-18) and 1.33x (Lite0) the frozen floor against 1.10x
+and 1.11x contiguous (benchmarks/finetune_step.py). On CUDA `auto` keeps the contiguous layout
+the Triton LoRA kernel is written for.
 
 Only the model is converted: a convolution with channels-last weights returns channels-last
 outputs for NCHW inputs too, so the data pipeline stays as it is.
@@ -18,13 +21,14 @@ from torch import nn
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
-def resolve_memory_format(setting: str, device: torch.device) -> str:
-    """'channels_last' or 'contiguous' for the `train.memory_format` setting on `device`."""
+def resolve_memory_format(setting: str, device: torch.device, strategy: str = "full") -> str:
+    """'channels_last' or 'contiguous' for the `train.memory_format` setting of a `strategy`
+    (finetune.strategy) run on `device`."""
     if setting != "auto":
         return setting
-    return "channels_last" if device.type == "cpu" else "contiguous"
+    return "channels_last" if device.type == "cpu" and strategy != "lora" else "contiguous"
 
 
-def apply_memory_format(model: nn.Module, setting: str, device: torch.device) -> nn.Module:
+def apply_memory_format(model: nn.Module, setting: str, device: torch.device, strategy: str = "full") -> nn.Module:
     """`model` with its 4-D parameters and buffers in the resolved layout (in place)."""
-    return model.to(memory_format=FORMATS[resolve_memory_format(setting, device)])
+    return model.to(memory_format=FORMATS[resolve_memory_format(setting, device, strategy)])
