@@ -73,6 +73,23 @@ def test_a_budget_shorter_than_one_epoch_trains_the_steps_that_fit(monkeypatch):
     assert _planner().steps_that_fit() is None  # not timed yet
 
 
+def test_the_second_epoch_replans_up_or_down_and_later_ones_only_add_caution(monkeypatch):
+    clock = {"now": 19.0 + 48.0}
+    monkeypatch.setattr("vision_ft.budget.time.monotonic", lambda: clock["now"])
+    planner = _planner(budget_s=540)
+    planner.step_seconds, planner.eval_seconds_per_image = 0.8, 0.01
+    assert planner.record_epoch(1, 48.0)  # slow: it started the workers
+    first_plan = planner.plan(epochs_done=1)
+    assert first_plan == 1 + int((540 - 67 - 34) // 48)
+    clock["now"] += 37.0
+    assert planner.record_epoch(2, 37.0)  # steady state: more epochs fit than planned
+    assert planner.plan(epochs_done=2) == 2 + int((540 - 104 - 34) // 37) > first_plan
+    clock["now"] += 60.0
+    assert not planner.record_epoch(3, 60.0)  # a slow later epoch: no re-plan, a cautious estimate
+    assert planner.estimated_epoch_seconds() == 60.0
+    assert not planner.record_epoch(4, 30.0) and planner.estimated_epoch_seconds() == 60.0
+
+
 def test_step_time_is_measured_after_the_warmup_steps(monkeypatch):
     times = iter([0.0, 5.0, 6.0] + [6.0 + 0.5 * i for i in range(1, 20)])
     monkeypatch.setattr("vision_ft.budget.time.monotonic", lambda: next(times))

@@ -606,15 +606,10 @@ def _another_epoch_fits(loop: TrainingLoop, epoch: int) -> bool:
 
 
 def _time_epoch(loop: TrainingLoop, epoch: int, started: float) -> None:
-    """Feed the epoch's duration to the budget; after epoch 1 the plan is redone with it."""
+    """Feed the epoch's duration to the budget; after epochs 1 and 2 the plan is redone with it."""
     budget = loop.budget
-    if budget is None:
-        return
-    if epoch == 1:
-        budget.epoch_seconds = time.time() - started
+    if budget is not None and budget.record_epoch(epoch, time.time() - started):
         _plan_epochs(loop, epoch)
-    else:
-        budget.epoch_seconds = max(budget.epoch_seconds or 0.0, time.time() - started)
 
 
 # ---------------------------------------------------------------- one epoch
