@@ -91,7 +91,6 @@ def metrics_from_confusion(matrices: np.ndarray, positive: int | None = None) ->
     predicted = matrices.sum(axis=1)
     total = actual.sum(axis=1)
     recall = _safe_divide(diagonal, actual)
-    precision = np.where(predicted > 0, _safe_divide(diagonal, predicted), 0.0)  # sklearn's zero_division=0
     f1 = np.where(actual + predicted > 0, _safe_divide(2 * diagonal, actual + predicted), 0.0)
     present = actual > 0
     out = {
