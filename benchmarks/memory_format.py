@@ -20,20 +20,21 @@ from pathlib import Path
 import timm
 import torch
 
+from vision_ft.memory_format import FORMATS
+from vision_ft.models.create import create_model
 from vision_ft.train import build_optimizer
 
 MODELS = ("resnet18", "resnet50", "tf_efficientnet_lite0", "efficientnet_b0", "mobilenetv3_large_100",
           "regnety_008", "densenet121", "convnext_atto", "vit_tiny_patch16_224")
-LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+LAYOUTS = ("contiguous", "channels_last")
 
 
 def make_step(model_name: str, layout: str, batch: int, size: int):
     torch.manual_seed(0)
-    fixed_size = {"img_size": size} if timm.get_pretrained_cfg(model_name) and getattr(
-        timm.get_pretrained_cfg(model_name), "fixed_input_size", False) else {}
-    model = timm.create_model(model_name, pretrained=False, num_classes=2, **fixed_size).train()
-    model = model.to(memory_format=LAYOUTS[layout])
-    optimizer = build_optimizer([p for p in model.parameters()], 1e-4, 0.05, torch.device("cpu"))
+    # vision-ft's model factory: fixed-size models (ViT) are built for `size`, as training builds them.
+    model = create_model(model_name, num_classes=2, weights="none", image_size=size).train()
+    model = model.to(memory_format=FORMATS[layout])
+    optimizer = build_optimizer(list(model.parameters()), 1e-4, 0.05, torch.device("cpu"))
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, size, size, generator=generator)
     labels = torch.randint(0, 2, (batch,), generator=generator)

@@ -71,14 +71,10 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
     notes: list[str] = []
     data, train = resolved.data, resolved.train
     if train.memory_format == "auto":
-        from vision_ft.memory_format import resolve_memory_format
+        from vision_ft.memory_format import choose_memory_format
         from vision_ft.run_model import default_device
 
-        device = default_device()
-        strategy = resolved.finetune.strategy
-        train.memory_format = resolve_memory_format("auto", device, strategy)
-        why = "the LoRA convolution's CPU path works on NCHW planes" if strategy == "lora" and device.type == "cpu" \
-            else f"the faster layout for convolutions on {device.type}"
+        train.memory_format, why = choose_memory_format(default_device(), resolved.finetune.strategy)
         notes.append(f"train.memory_format {train.memory_format}: {why}")
     if data.image_size == "auto":
         paths = [s.path for name in ("train", "val") for s in splits.get(name, [])]

@@ -21,12 +21,19 @@ from torch import nn
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
+def choose_memory_format(device: torch.device, strategy: str = "full") -> tuple[str, str]:
+    """(layout, reason) that `auto` picks for a `strategy` (finetune.strategy) run on `device`."""
+    if device.type != "cpu":
+        return "contiguous", f"the layout the kernels expect on {device.type}"
+    if strategy == "lora":
+        return "contiguous", "the LoRA convolution's CPU path works on NCHW planes"
+    return "channels_last", "the faster layout for convolutions on cpu"
+
+
 def resolve_memory_format(setting: str, device: torch.device, strategy: str = "full") -> str:
     """'channels_last' or 'contiguous' for the `train.memory_format` setting of a `strategy`
-    (finetune.strategy) run on `device`."""
-    if setting != "auto":
-        return setting
-    return "channels_last" if device.type == "cpu" and strategy != "lora" else "contiguous"
+    run on `device`."""
+    return setting if setting != "auto" else choose_memory_format(device, strategy)[0]
 
 
 def apply_memory_format(model: nn.Module, setting: str, device: torch.device, strategy: str = "full") -> nn.Module:
