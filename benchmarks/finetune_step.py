@@ -20,9 +20,9 @@ subprocess: on CPU the growth of the resident set size (VmHWM after resetting it
 covers activations, gradients, optimizer state and caches; on CUDA
 torch.cuda.max_memory_allocated() minus the memory allocated before the first step.
 
-Every method runs in the contiguous (NCHW) layout `vision-ft train` gives LoRA runs
-(train.memory_format auto; other strategies train channels-last on CPU); --memory-format
-channels_last measures all four in that layout instead.
+Every method runs in the layout `vision-ft train` picks for it (train.memory_format auto:
+channels-last on CPU for every strategy, contiguous on CUDA), so the floor is the frozen model at
+its fastest; --memory-format contiguous or channels_last measures all four in that layout instead.
 
 On CPU the process tunes glibc's malloc the way `vision-ft train` does (vision_ft.cpu_memory:
 freed activations stay in the process instead of being page-faulted in again every step);
@@ -50,7 +50,7 @@ from torch import nn
 
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.finetune.lora import apply_lora
-from vision_ft.memory_format import apply_memory_format
+from vision_ft.memory_format import apply_memory_format, resolve_memory_format
 from vision_ft.train import build_optimizer
 
 MODELS = ("resnet18", "tf_efficientnet_lite0")
@@ -241,8 +241,8 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-format", default="contiguous", choices=["channels_last", "contiguous"],
-                        help="weight layout of every method (contiguous: as vision-ft train runs LoRA)")
+    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                        help="weight layout of every method (auto: as vision-ft train picks it on the device)")
     parser.add_argument("--plain-malloc", action="store_true",
                         help="leave glibc's malloc as it is (vision-ft train tunes it on CPU: vision_ft.cpu_memory)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
@@ -252,6 +252,7 @@ def main() -> None:
     # Measure the step the way `vision-ft train` runs it: on CPU with freed memory kept in the process.
     malloc = "plain" if args.plain_malloc or device.type != "cpu" else ("tuned" if keep_freed_memory() else "plain (tuning unavailable)")
 
+    args.memory_format = resolve_memory_format(args.memory_format, device, "lora")
     if args.memory_probe:
         print(json.dumps(measure_memory(*args.memory_probe, args, device)))
         return

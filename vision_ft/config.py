@@ -156,8 +156,8 @@ class TrainConfig(_Strict):
     # auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs, off on CPU
     # (CPU autocast was slower than fp32 in our measurements on machines without AMX).
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    # Layout of the model's weights and activations. auto: channels_last on CPU (1.1-1.4x faster
-    # steps for CNNs, benchmarks/memory_format.py), contiguous (NCHW) for LoRA and on CUDA.
+    # Layout of the model's weights and activations. auto: channels_last on CPU (1.1-1.5x faster
+    # steps for CNNs, LoRA runs included: benchmarks/memory_format.py), contiguous (NCHW) on CUDA.
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     seed: int = 0
     # Keep an exponential moving average of the weights; it is evaluated each epoch and kept when better.

@@ -1,13 +1,12 @@
 """`train.memory_format`: the layout of the model's 4-D weights (and so of its activations).
 
 Channels-last (NHWC) lets oneDNN run convolutions without converting layouts around them. On a
-2-core x86 CPU (batch 32, 128 px, benchmarks/memory_format.py) a training step was 1.4x faster
-for EfficientNet-Lite0, EfficientNet-B0 and MobileNetV3, 1.1-1.2x for ResNet-18/50, RegNetY,
-DenseNet and ConvNeXt, and unchanged for ViT: `auto` picks it on CPU. LoRA
-runs stay contiguous (NCHW): the LoRA convolution's CPU path works on NCHW planes, and in
-channels-last its step cost 1.24x (ResNet-18) and 1.33x (Lite0) the frozen floor against 1.10x
-and 1.11x contiguous (benchmarks/finetune_step.py). On CUDA `auto` keeps the contiguous layout
-the Triton LoRA kernel is written for.
+2-core x86 CPU (batch 32, 128 px, benchmarks/memory_format.py) a full fine-tuning step was 1.4x
+faster for EfficientNet-Lite0, EfficientNet-B0 and MobileNetV3, 1.1-1.2x for ResNet-18/50, RegNetY,
+DenseNet and ConvNeXt, and unchanged for ViT; a LoRA step (`--strategy lora`) 1.48x faster for
+Lite0, 1.30-1.32x for EfficientNet-B0 and MobileNetV3, 1.11-1.16x for ResNet-18/50: `auto` picks
+it on CPU for every strategy. On CUDA `auto` keeps the contiguous layout the Triton LoRA kernel
+is written for.
 
 Only the model is converted: a convolution with channels-last weights returns channels-last
 outputs for NCHW inputs too, so the data pipeline stays as it is.
@@ -25,9 +24,7 @@ def choose_memory_format(device: torch.device, strategy: str = "full") -> tuple[
     """(layout, reason) that `auto` picks for a `strategy` (finetune.strategy) run on `device`."""
     if device.type != "cpu":
         return "contiguous", f"the layout the kernels expect on {device.type}"
-    if strategy == "lora":
-        return "contiguous", "the LoRA convolution's CPU path works on NCHW planes"
-    return "channels_last", "the faster layout for convolutions on cpu"
+    return "channels_last", f"the faster layout for convolutions on cpu ({strategy} runs included)"
 
 
 def resolve_memory_format(setting: str, device: torch.device, strategy: str = "full") -> str:

@@ -72,6 +72,27 @@ def test_matches_reference_output_and_grads(shape, dtype):
         _assert_close(g, e, dtype, name)
 
 
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_channels_last_models_match_the_reference(shape, grad_layout):
+    """A channels-last model (CPU training's default layout) feeds channels-last x, W and A; the
+    gradient arriving from above may come in either layout."""
+    args = list(_case(shape, torch.float32))
+    for i in (0, 1, 3):  # x, W, A: the 4-D tensors a channels-last model holds
+        args[i] = args[i].detach().contiguous(memory_format=torch.channels_last).requires_grad_(args[i].requires_grad)
+    x, weight, bias, lora_a, lora_b = args[:5]
+    out = lora_conv2d(*args, backend="torch")
+    ref_args = [a.detach().contiguous().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args]
+    expected = reference_lora_conv2d(*ref_args)
+    _assert_close(out, expected, torch.float32, "y")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    layout = torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format
+    got = _grads(out, (x, lora_a, lora_b), grad_out.contiguous(memory_format=layout))
+    want = _grads(expected, (ref_args[0], ref_args[3], ref_args[4]), grad_out)
+    for name, g, e in zip(("dx", "dA", "dB"), got, want):
+        _assert_close(g, e, torch.float32, name)
+
+
 def test_adapter_grads_through_the_weight_gradient_only_for_narrow_layers():
     # Per pixel, dW costs Cout * Cin*kh*kw multiply-adds and the rank-r products r * (2 Cout + Cin*kh*kw).
     chooses = torch_path._adapter_grads_from_weight_grad
@@ -90,10 +111,11 @@ def test_both_adapter_gradient_routes_match_reference(monkeypatch, through_weigh
     for name in ("ordinary_3x3", "odd_channels_hw_stride2_batch1", "pointwise_1x1", "pointwise_1x1_stride2_odd_hw"):
         test_matches_reference_output_and_grads(SHAPES[name], dtype)
     calls = []
-    monkeypatch.setattr(torch_path, "_batched_left_product",
-                        lambda *a, real=torch_path._batched_left_product: calls.append("u") or real(*a))
+    monkeypatch.setattr(torch_path, "_channel_product",
+                        lambda *a, real=torch_path._channel_product: calls.append("rank-r product") or real(*a))
     test_matches_reference_output_and_grads(SHAPES["pointwise_1x1"], dtype)
-    assert ("u" in calls) is not through_weight_grad  # through dW, the forward needs no u = conv(x, A)
+    # Through dW neither u = A x (forward) nor scaling * B^T dy (backward) is computed.
+    assert bool(calls) is not through_weight_grad
 
 
 @pytest.mark.parametrize("shape", [SHAPES["ordinary_3x3"], SHAPES["odd_channels_hw_stride2_batch1"]], ids=["3x3", "odd"])
