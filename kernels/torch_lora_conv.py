@@ -39,17 +39,32 @@ def lora_delta_weight(weight_shape: torch.Size | tuple[int, ...], lora_a: Tensor
     return (lora_b @ lora_a.reshape(lora_a.shape[0], -1)).reshape(weight_shape)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """A conv weight (O, I, kh, kw) as the (O, kh*kw*I) or (O, I*kh*kw) matrix its memory already
+    holds (channels-last or contiguous): a view, no copy."""
+    if _is_channels_last(t):
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], -1)
+
+
 def effective_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     """W + scaling * B @ A in `dtype` and in W's memory layout, accumulated in fp32 for 16-bit
-    weights (no autograd)."""
+    weights (no autograd).
+
+    The product is formed on the rows W's memory holds, so W_eff comes out in W's layout without
+    a transposing copy (ResNet-18's 512x512x3x3 weights: 4.5 ms each way on 2 CPU threads). The
+    layout matters because a convolution's output takes its weight's: an NCHW W_eff in a
+    channels-last model would turn the activations after it back to NCHW.
+    """
     with torch.no_grad():
         compute = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        flat = torch.addmm(weight.reshape(weight.shape[0], -1).to(compute), lora_b.to(compute),
-                           lora_a.reshape(lora_a.shape[0], -1).to(compute), alpha=scaling)
-        # A convolution's output takes its weight's layout: an NCHW W_eff in a channels-last model
-        # would turn that layer's output, and the layers after it, back to NCHW (tf_efficientnet_lite0's
-        # stem: its batch norm, activation and the conversion back cost 55 ms of a 590 ms CPU step).
-        return flat.reshape(weight.shape).to(dtype).contiguous(memory_format=_layout_of(weight))
+        layout = _layout_of(weight)
+        flat = torch.addmm(_rows(weight).to(compute), lora_b.to(compute),
+                           _rows(lora_a.contiguous(memory_format=layout)).to(compute), alpha=scaling)
+        out, cin, kh, kw = weight.shape
+        if layout == torch.channels_last:
+            return flat.to(dtype).view(out, kh, kw, cin).permute(0, 3, 1, 2)
+        return flat.to(dtype).view(weight.shape)
 
 
 def _is_channels_last(t: Tensor) -> bool:
@@ -157,15 +172,19 @@ def _planes(t: Tensor) -> Tensor:
 
 
 def _channel_product(t: Tensor, matrix: Tensor) -> Tensor:
-    """matrix^T applied on the channel axis: (N, C, H, W) with matrix (C, r) -> (N, r, H, W), NCHW.
+    """matrix^T applied on the channel axis: (N, C, H, W) with matrix (C, r) -> (N, r, H, W), in
+    the layout of `t` (a channels-last u or B^T dy next to NCHW activations would make the conv
+    library convert the activations for dA: 3.4 ms for one 64-channel ResNet-18 layer).
 
-    One GEMM per image over its (C, H*W) plane, in either layout of `t`: on 2 CPU threads this
-    took 7.9 ms against 11.6 ms for one GEMM over all pixel rows of channels-last
-    tf_efficientnet_lite0 gradients (128 px, batch 32), and an explicit bmm over the expanded
-    matrix keeps torch.matmul from copying the planes to fold the batch into one GEMM.
+    One GEMM per image, with an explicit bmm over the expanded matrix (torch.matmul may copy the
+    operand to fold the batch into one GEMM); on 2 CPU threads this took 7.7-7.9 ms against
+    11.6 ms for one GEMM over all pixel rows of channels-last tf_efficientnet_lite0 gradients.
     """
-    n, _, h, w = t.shape
-    return torch.bmm(matrix.t().expand(n, -1, -1), _planes(t)).view(n, -1, h, w)
+    n, c, h, w = t.shape
+    if _is_channels_last(t):
+        rows = t.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        return torch.bmm(rows, matrix.expand(n, -1, -1)).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return torch.bmm(matrix.t().expand(n, -1, -1), t.contiguous().view(n, c, h * w)).view(n, -1, h, w)
 
 
 def _channel_outer(a: Tensor, b: Tensor) -> Tensor:
