@@ -3,8 +3,9 @@
 Channels-last (NHWC) lets oneDNN run convolutions without converting layouts around them. On a
 2-core x86 CPU (batch 32, 128 px, benchmarks/memory_format.py) a full fine-tuning step was 1.4x
 faster for EfficientNet-Lite0, EfficientNet-B0 and MobileNetV3, 1.1-1.2x for ResNet-18/50, RegNetY,
-DenseNet and ConvNeXt, and unchanged for ViT; a LoRA step (`--strategy lora`) 1.48x faster for
-Lite0, 1.30-1.32x for EfficientNet-B0 and MobileNetV3, 1.11-1.16x for ResNet-18/50: `auto` picks
+DenseNet and ConvNeXt, and unchanged for ViT; a LoRA step (`--strategy lora`) 1.52x faster for
+Lite0, 1.24-1.34x for EfficientNet-B0 and MobileNetV3, 1.13-1.14x for ResNet-18/50, unchanged for
+ConvNeXt and ViT: `auto` picks
 it on CPU for every strategy. On CUDA `auto` keeps the contiguous layout the Triton LoRA kernel
 is written for.
 
