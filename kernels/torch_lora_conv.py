@@ -8,9 +8,12 @@ not because a threshold was tuned on one:
   makes, so the LoRA step's dominant cost is the frozen floor's by construction (peft-style
   LoRA adds two convs and an activation-sized sum instead).
 * u = conv(x, A) (saved for dB) and dA: convolutions with only r output channels. For 1x1
-  stride-1 convs they are batched GEMMs over x's NCHW planes, which is all a 1x1 conv is; the
-  conv library would first convert x's layout for r output channels (tf_efficientnet_lite0 at
-  128 px: 1.137x -> 1.120x the frozen floor on 2 threads; a layout pass avoided on any CPU).
+  stride-1 convs they are batched GEMMs over x's per-image planes (NCHW) or pixel rows
+  (channels-last), which is all a 1x1 conv is; the conv library would first convert x's layout
+  for r output channels (tf_efficientnet_lite0 at 128 px, NCHW: 1.137x -> 1.120x the frozen
+  floor on 2 threads; a layout pass avoided on any CPU).
+* Every tensor this path makes keeps its neighbours' memory layout (W_eff W's, u and B^T dy the
+  activations'): a layout switch would cost a conversion of a whole activation in the next op.
 * dz = scaling * B^T dy and dB = scaling * sum dy u^T: GEMMs over the channel axis.
 * Narrow layers take dA and dB from the frozen W's full gradient (dA = scaling * B^T dW,
   dB = scaling * dW A^T) when that one GEMM has fewer multiply-adds per pixel,
@@ -173,7 +176,7 @@ def _planes(t: Tensor) -> Tensor:
 
 def _channel_product(t: Tensor, matrix: Tensor) -> Tensor:
     """matrix^T applied on the channel axis: (N, C, H, W) with matrix (C, r) -> (N, r, H, W), in
-    the layout of `t` (a channels-last u or B^T dy next to NCHW activations would make the conv
+    the layout of `t` (an NCHW u or B^T dy next to channels-last activations made the conv
     library convert the activations for dA: 3.4 ms for one 64-channel ResNet-18 layer).
 
     One GEMM per image, with an explicit bmm over the expanded matrix (torch.matmul may copy the

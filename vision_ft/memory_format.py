@@ -5,9 +5,8 @@ Channels-last (NHWC) lets oneDNN run convolutions without converting layouts aro
 faster for EfficientNet-Lite0, EfficientNet-B0 and MobileNetV3, 1.1-1.2x for ResNet-18/50, RegNetY,
 DenseNet and ConvNeXt, and unchanged for ViT; a LoRA step (`--strategy lora`) 1.52x faster for
 Lite0, 1.24-1.34x for EfficientNet-B0 and MobileNetV3, 1.13-1.14x for ResNet-18/50, unchanged for
-ConvNeXt and ViT: `auto` picks
-it on CPU for every strategy. On CUDA `auto` keeps the contiguous layout the Triton LoRA kernel
-is written for.
+ConvNeXt and ViT: `auto` picks it on CPU for every strategy. On CUDA `auto` keeps the contiguous
+layout the Triton LoRA kernel is written for.
 
 Only the model is converted: a convolution with channels-last weights returns channels-last
 outputs for NCHW inputs too, so the data pipeline stays as it is.
@@ -25,7 +24,7 @@ def choose_memory_format(device: torch.device, strategy: str = "full") -> tuple[
     """(layout, reason) that `auto` picks for a `strategy` (finetune.strategy) run on `device`."""
     if device.type != "cpu":
         return "contiguous", f"the layout the kernels expect on {device.type}"
-    return "channels_last", f"the faster layout for convolutions on cpu ({strategy} runs included)"
+    return "channels_last", "the faster layout for convolutions on cpu, for every strategy"
 
 
 def resolve_memory_format(setting: str, device: torch.device, strategy: str = "full") -> str:
