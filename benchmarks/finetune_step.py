@@ -252,7 +252,7 @@ def main() -> None:
     # Measure the step the way `vision-ft train` runs it: on CPU with freed memory kept in the process.
     malloc = "plain" if args.plain_malloc or device.type != "cpu" else ("tuned" if keep_freed_memory() else "plain (tuning unavailable)")
 
-    args.memory_format = resolve_memory_format(args.memory_format, device, "lora")
+    args.memory_format = resolve_memory_format(args.memory_format, device)
     if args.memory_probe:
         print(json.dumps(measure_memory(*args.memory_probe, args, device)))
         return

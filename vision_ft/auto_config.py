@@ -74,7 +74,7 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
         from vision_ft.memory_format import choose_memory_format
         from vision_ft.run_model import default_device
 
-        train.memory_format, why = choose_memory_format(default_device(), resolved.finetune.strategy)
+        train.memory_format, why = choose_memory_format(default_device())
         notes.append(f"train.memory_format {train.memory_format}: {why}")
     if data.image_size == "auto":
         paths = [s.path for name in ("train", "val") for s in splits.get(name, [])]

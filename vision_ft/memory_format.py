@@ -20,19 +20,18 @@ from torch import nn
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
-def choose_memory_format(device: torch.device, strategy: str = "full") -> tuple[str, str]:
-    """(layout, reason) that `auto` picks for a `strategy` (finetune.strategy) run on `device`."""
+def choose_memory_format(device: torch.device) -> tuple[str, str]:
+    """(layout, reason) that `auto` picks on `device`, the same for every finetune.strategy."""
     if device.type != "cpu":
         return "contiguous", f"the layout the kernels expect on {device.type}"
     return "channels_last", "the faster layout for convolutions on cpu, for every strategy"
 
 
-def resolve_memory_format(setting: str, device: torch.device, strategy: str = "full") -> str:
-    """'channels_last' or 'contiguous' for the `train.memory_format` setting of a `strategy`
-    run on `device`."""
-    return setting if setting != "auto" else choose_memory_format(device, strategy)[0]
+def resolve_memory_format(setting: str, device: torch.device) -> str:
+    """'channels_last' or 'contiguous' for the `train.memory_format` setting on `device`."""
+    return setting if setting != "auto" else choose_memory_format(device)[0]
 
 
-def apply_memory_format(model: nn.Module, setting: str, device: torch.device, strategy: str = "full") -> nn.Module:
+def apply_memory_format(model: nn.Module, setting: str, device: torch.device) -> nn.Module:
     """`model` with its 4-D parameters and buffers in the resolved layout (in place)."""
-    return model.to(memory_format=FORMATS[resolve_memory_format(setting, device, strategy)])
+    return model.to(memory_format=FORMATS[resolve_memory_format(setting, device)])

@@ -81,7 +81,7 @@ def load_run(path: Path, checkpoint: str = "best", device: torch.device | str = 
     build_strategy(config.finetune).adapt(model)
     load_model_weights(run.best if checkpoint == "best" else run.last, model)
     model.eval().to(device)
-    apply_memory_format(model, config.train.memory_format, torch.device(device), config.finetune.strategy)
+    apply_memory_format(model, config.train.memory_format, torch.device(device))
     mean, std = normalisation(config, model)
     return LoadedRun(run, config, class_names, model, mean, std, task)
 

@@ -444,7 +444,7 @@ def _build_model(config: Config, num_classes: int, resume: bool,
     strategy.adapt(model)
     strategy.set_trainable(model, epoch=1)
     model.to(device)
-    apply_memory_format(model, config.train.memory_format, device, config.finetune.strategy)
+    apply_memory_format(model, config.train.memory_format, device)
     mean, std = normalisation(config, model)
     log.info("model %s (%s weights), input %d px × %d channels, mean %s std %s", config.model.name,
              "checkpoint" if resume else config.model.weights, config.data.image_size, config.data.channels,
