@@ -76,7 +76,7 @@ class BudgetPlanner:
     test_images: int
     max_epochs: int
     evals_per_epoch: int = 1  # 2 when the weight average is evaluated too
-    tta_factor: int = 1  # 2 with flip test-time augmentation
+    tta_factor: int = 1  # the views test-time augmentation averages (eval.tta): up to 4
     export: bool = True
     patience_auto: bool = False  # early-stopping patience follows the planned epochs
     started: float = field(default_factory=time.monotonic)

@@ -251,8 +251,10 @@ class EvalConfig(_Strict):
     target_recall: dict[str, float] | None = None
     bootstrap_resamples: int = Field(2000, ge=0)  # 0: no confidence intervals
     confidence: float = Field(0.95, gt=0, lt=1)
-    # flip: average the predictions of each image and its horizontal mirror (final val/test evaluation)
-    tta: Literal["none", "flip"] = "none"
+    # Test-time augmentation of the final val/test evaluation, eval and predict (vision_ft.tta):
+    # flip | vflip | flip_hv average the logits of each image and its mirrors; auto: the mirrors
+    # the training augmentation applies, kept when they improve the validation selection metric.
+    tta: Literal["auto", "none", "flip", "vflip", "flip_hv"] = "auto"
 
     @field_validator("target_recall")
     @classmethod

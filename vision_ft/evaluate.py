@@ -45,7 +45,7 @@ def evaluate_run(
                             cfg.data.max_pixels)
     samples = [s for s in samples if s.path not in bad]
     loader = eval_loader(samples, cfg, loaded.mean, loaded.std, batch_size, workers)
-    outputs = infer(loaded.model, loader, progress="eval")
+    outputs = infer(loaded.model, loader, progress="eval", tta=cfg.eval.tta)  # as the run evaluated its test split
     broken = int((~np.isfinite(outputs.logits).all(axis=1)).sum())
     if broken:
         raise VisionFTError(

@@ -47,6 +47,7 @@ from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.finetune.lora import lora_modules, merge_lora
 from vision_ft.heatmaps.cam import CAM_OUTPUT
 from vision_ft.heatmaps.cam_export import cam_classifier_for, check_cam_export
+from vision_ft.tta import views_of, with_views
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
 from vision_ft.run_model import is_anomaly_run, load_run
@@ -298,12 +299,19 @@ def export_model(
     _check_destination(out, force)
     split_name, images = verification_images(splits, verify_count)
     model = frozen_copy(model)
-    if task is not None:
-        model = task.export_head(model)
     classifier = task is None or task.kind == "classification"
     cam_model = cam_classifier_for(model, config) if config is not None and classifier else None
+    # The run's test-time augmentation goes into the graph (on the raw outputs, as evaluation
+    # averaged them), so the ONNX model predicts what the report measured.
+    tta = config.eval.tta if config is not None else "none"
+    model = with_views(model, tta)
+    if task is not None:
+        model = task.export_head(model)
     if cam_model is not None:
+        cam_model = with_views(cam_model, tta)
         metadata = replace(metadata, extra={**metadata.extra, "cam_output": CAM_OUTPUT})
+    if len(views_of(tta)) > 1:
+        metadata = replace(metadata, extra={**metadata.extra, "tta": tta})
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     try:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from vision_ft.data.pixel_policy import policy_from_config
 from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import TrainingDiverged
 from vision_ft.metrics import compute_metrics
+from vision_ft.tta import average_views, logits_of_views, views_of
 
 
 @dataclass(frozen=True)
@@ -51,31 +53,39 @@ def eval_loader(samples: list[Sample], config: Config, mean: list[float], std: l
                         workers=data.workers if workers is None else workers)
 
 
-@torch.no_grad()
 def infer(model: nn.Module, loader: Iterable[Any], device: torch.device | None = None,
           amp_dtype: torch.dtype | None = None, progress: str | None = None, tta: str = "none") -> Outputs:
     """Logits and labels for every batch of `loader`, with the model in eval mode.
 
     `device` defaults to the model's; `amp_dtype` runs the forward under autocast (logits come
     back in float32 either way); `progress` names a tqdm bar shown on an interactive terminal;
-    `tta="flip"` averages each image's logits with its horizontal mirror's (eval.tta).
+    `tta` averages the logits of the mirrored views that eval.tta names (`vision_ft.tta`).
     """
+    per_view, labels = infer_views(model, loader, views_of(tta), device, amp_dtype, progress)
+    return Outputs(average_views(per_view, tta), labels)
+
+
+@torch.no_grad()
+def infer_views(model: nn.Module, loader: Iterable[Any], views: Sequence[str], device: torch.device | None = None,
+                amp_dtype: torch.dtype | None = None, progress: str | None = None
+                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`infer` for several views in one pass over the data: each view's logits, and the labels."""
     model.eval()
     device = device if device is not None else next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     batches = tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty())
-    all_logits, all_labels = [], []
+    logits: dict[str, list[torch.Tensor]] = {view: [] for view in views}
+    all_labels = []
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         with autocast:
-            logits = model(images).float()
-            if tta == "flip":
-                logits = (logits + model(images.flip(-1)).float()) / 2
-        all_logits.append(logits.cpu())
+            for view, view_logits in logits_of_views(model, images, views).items():
+                logits[view].append(view_logits.cpu())
         all_labels.append(torch.as_tensor(labels))
-    if not all_logits:
-        return Outputs(np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64))
-    return Outputs(torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy())
+    if not all_labels:
+        return {view: np.zeros((0, 0), dtype=np.float32) for view in views}, np.zeros(0, dtype=np.int64)
+    return ({view: torch.cat(chunks).numpy() for view, chunks in logits.items()},
+            torch.cat(all_labels).numpy())
 
 
 def evaluate_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], label_smoothing: float = 0.0) -> dict[str, Any]:

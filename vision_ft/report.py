@@ -7,6 +7,7 @@ from typing import Any
 from vision_ft import __version__
 from vision_ft.config import Config
 from vision_ft.evaluation.run_evaluation import report_section
+from vision_ft.tta import views_of
 from vision_ft.run_folder import RunFolder
 
 
@@ -29,7 +30,9 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
         + (" (stopped early)" if state.get("stopped_early") else "")
         + f"; best epoch {state['best_epoch']} by val {config.train.early_stopping.metric}"
         + (" (the weight average)" if state.get("best_weights") == "average" else ""),
-        f"- test-time augmentation: {config.eval.tta}" + (" (the ONNX model predicts without it)" if config.eval.tta != "none" else ""),
+        f"- test-time augmentation: {config.eval.tta}" + (f" ({len(views_of(config.eval.tta))} mirrored views averaged; "
+                                                          "the ONNX model averages them too)"
+                                                          if len(views_of(config.eval.tta)) > 1 else ""),
         f"- vision-ft {__version__}",
         "",
         "## Metrics (best checkpoint)",

@@ -35,7 +35,7 @@ def predict_probabilities(loaded: LoadedRun, images: Any, batch_size: int | None
     # Worker processes would pickle in-memory images for nothing; files are decoded in parallel.
     loader = eval_loader([Sample(source, 0) for source in sources], loaded.config, loaded.mean, loaded.std,
                          batch_size, workers=None if files_only else 0)
-    logits = infer(loaded.model, loader, progress="predict").logits
+    logits = infer(loaded.model, loader, progress="predict", tta=loaded.config.eval.tta).logits
     if loaded.task.kind != "classification":
         return loaded.task.scores(torch.from_numpy(logits))
     # The run's temperature (decision.json), through the same numpy function as the ONNX runtime.

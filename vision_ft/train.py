@@ -61,7 +61,7 @@ from vision_ft.finetune.build import build_strategy, check_strategy
 from vision_ft.finetune.strategy import Strategy
 from vision_ft.interrupts import sigterm_as_interrupt
 from vision_ft.memory_format import apply_memory_format
-from vision_ft.inference import eval_loader, infer
+from vision_ft.inference import Outputs, eval_loader, infer, infer_views
 from vision_ft.metrics import format_summary
 from vision_ft.models.create import check_model_name
 from vision_ft.models.input_size import check_input_size
@@ -75,6 +75,7 @@ from vision_ft.tasks import build_task
 from vision_ft.tasks.base import Task
 from vision_ft.tasks.predictions_file import ScoredSplit, write_scored
 from vision_ft.training_state import LOWER_IS_BETTER, TrainingState, is_better
+from vision_ft.tta import average_views, choose_tta, views_of, views_to_compute
 
 log = logging.getLogger("vision_ft")
 
@@ -561,7 +562,8 @@ def _budget_planner(loop: TrainingLoop, resume: bool, run_started: float) -> Bud
         budget_s=parse_duration(config.train.time_budget), steps_per_epoch=len(loop.train_loader),
         batch_size=config.train.batch_size, val_images=len(loop.splits.get("val", [])),
         test_images=len(loop.splits.get("test", [])), max_epochs=config.train.epochs,
-        evals_per_epoch=2 if config.train.ema else 1, tta_factor=2 if config.eval.tta == "flip" else 1,
+        evals_per_epoch=2 if config.train.ema else 1,
+        tta_factor=len(views_of(views_to_compute(config.eval.tta, config.data.augment.train))),
         export=config.export.onnx, patience_auto=patience_auto, started=run_started,
     )
 
@@ -698,8 +700,8 @@ def final_evaluation(loop: TrainingLoop, state: TrainingState) -> dict[str, Any]
     predictions: dict[str, SplitPredictions] = {}
     scores: dict[str, tuple[Any, Any]] = {}  # (the task's scores, targets) per split
     groups = load_split_groups(run.split)
-    for name, loader in loop.eval_loaders.items():
-        outputs = infer(loop.model, loader, loop.context.device, loop.amp_dtype, tta=config.eval.tta)
+    for name, outputs in predict_eval_splits(loop).items():
+        loader = loop.eval_loaders[name]
         scores[name] = (task.scores(torch.from_numpy(outputs.logits)), outputs.labels)
         paths = [s.path for s in loader.dataset.samples]
         predictions[name] = SplitPredictions(outputs.logits, outputs.labels, [str(p) for p in paths],
@@ -737,6 +739,50 @@ def final_evaluation(loop: TrainingLoop, state: TrainingState) -> dict[str, Any]
         export_onnx(loop)
     write_report(run, config, class_names, metrics, state.to_dict(), loop.notes, task)
     return metrics
+
+
+def predict_eval_splits(loop: TrainingLoop) -> dict[str, Outputs]:
+    """Each evaluation split's outputs under eval.tta, resolving `auto` on the way: the mirrors
+    of the training augmentation, kept when they improve the validation selection metric (one
+    pass per split computes every view, so the comparison costs no extra pass). The choice is
+    logged, noted for the report and saved in the run's config.yaml, which eval and predict read."""
+    config = loop.config
+    tta = config.eval.tta
+    candidate = views_to_compute(tta, config.data.augment.train)
+    views = {name: infer_views(loop.model, loader, views_of(candidate), loop.context.device, loop.amp_dtype)
+             for name, loader in loop.eval_loaders.items()}
+    if tta == "auto":
+        config.eval.tta = _choose_tta(loop, candidate, views.get("val"))
+        save_config(config, loop.run.config)
+    return {name: Outputs(average_views(per_view, config.eval.tta), labels)
+            for name, (per_view, labels) in views.items()}
+
+
+def _choose_tta(loop: TrainingLoop, candidate: str, val: tuple[dict[str, np.ndarray], np.ndarray] | None) -> str:
+    """eval.tta auto: `candidate` when it validates better than the plain image, with the reason
+    logged and noted."""
+    metric = loop.config.train.early_stopping.metric
+    if candidate == "none" or val is None:
+        reason = "the training augmentation mirrors nothing" if candidate == "none" else "no validation split"
+        note = f"test-time augmentation: none ({reason})"
+    else:
+        per_view, labels = val
+
+        def score(logits: np.ndarray) -> float:
+            scores = loop.task.scores(torch.from_numpy(logits))
+            loop.task.calibrate(scores, labels)  # multi-label thresholds, as the final evaluation picks them
+            value = loop.task.evaluate(scores, labels)[metric]
+            return float("nan") if value is None else float(value)  # e.g. AUROC of a one-class val split
+
+        choice, plain, averaged = choose_tta(candidate, per_view, score, metric)
+        verdict = "kept" if choice != "none" else "not kept"
+        note = (f"test-time augmentation: {choice} (the mirrors of the training augmentation, {candidate}, "
+                f"{verdict}: val {metric} {averaged:.4f} averaged over {len(views_of(candidate))} views, "
+                f"{plain:.4f} plain)")
+        candidate = choice
+    log.info("%s", note)
+    loop.notes.append(note)
+    return candidate
 
 
 def export_onnx(loop: TrainingLoop) -> None:

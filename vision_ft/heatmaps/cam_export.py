@@ -27,7 +27,7 @@ def cam_classifier_for(model: nn.Module, config: Config) -> CamClassifier | None
 
 
 @torch.no_grad()
-def check_cam_export(cam_model: CamClassifier, onnx_path: Path, images: list[Path], metadata: ModelMetadata,
+def check_cam_export(cam_model: nn.Module, onnx_path: Path, images: list[Path], metadata: ModelMetadata,
                      tolerance: float) -> float:
     """Largest |onnxruntime - torch| class-activation-map difference; raises past the tolerance."""
     transform = build_transforms([], metadata.mean, metadata.std, train=False)
