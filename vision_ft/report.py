@@ -20,6 +20,7 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
     """report.md; `task` (a vision_ft.tasks Task) writes the metrics tables of its kind."""
     kind = getattr(task, "kind", "classification")
     noun = {"multilabel": "labels", "regression": "targets"}.get(kind, "classes")
+    views = len(views_of(config.eval.tta))
     lines = [
         f"# vision-ft run `{run.root.name}`",
         "",
@@ -30,9 +31,8 @@ def write_report(run: RunFolder, config: Config, class_names: list[str], metrics
         + (" (stopped early)" if state.get("stopped_early") else "")
         + f"; best epoch {state['best_epoch']} by val {config.train.early_stopping.metric}"
         + (" (the weight average)" if state.get("best_weights") == "average" else ""),
-        f"- test-time augmentation: {config.eval.tta}" + (f" ({len(views_of(config.eval.tta))} mirrored views averaged; "
-                                                          "the ONNX model averages them too)"
-                                                          if len(views_of(config.eval.tta)) > 1 else ""),
+        f"- test-time augmentation: {config.eval.tta}" + (f" ({views} mirrored views averaged; the ONNX model averages them too)"
+                                                          if views > 1 else ""),
         f"- vision-ft {__version__}",
         "",
         "## Metrics (best checkpoint)",

@@ -763,6 +763,7 @@ def _choose_tta(loop: TrainingLoop, candidate: str, val: tuple[dict[str, np.ndar
     logged and noted."""
     metric = loop.config.train.early_stopping.metric
     if candidate == "none" or val is None:
+        choice = "none"
         reason = "the training augmentation mirrors nothing" if candidate == "none" else "no validation split"
         note = f"test-time augmentation: none ({reason})"
     else:
@@ -779,10 +780,9 @@ def _choose_tta(loop: TrainingLoop, candidate: str, val: tuple[dict[str, np.ndar
         note = (f"test-time augmentation: {choice} (the mirrors of the training augmentation, {candidate}, "
                 f"{verdict}: val {metric} {averaged:.4f} averaged over {len(views_of(candidate))} views, "
                 f"{plain:.4f} plain)")
-        candidate = choice
     log.info("%s", note)
     loop.notes.append(note)
-    return candidate
+    return choice
 
 
 def export_onnx(loop: TrainingLoop) -> None:

@@ -5,8 +5,8 @@ A model trained with random mirrors has learnt that a mirrored image means the s
 its logits over those mirrors at evaluation smooths out its remaining asymmetries. `auto` (the
 default) takes the mirrors the training augmentation applied, and keeps them only when they
 improve the validation selection metric over the plain image: on ELPV solar cells (mirrored in
-training) the four mirror views raised validation ROC-AUC in each of 7 runs and test accuracy
-by 0.9 points on average; on chest X-rays (not mirror-symmetric) they lowered both, and
+training) the four mirror views raised validation ROC-AUC in each of 8 runs and test accuracy
+from 0.868 to 0.879 on average; on chest X-rays (not mirror-symmetric) they lowered both, and
 validation said so.
 """
 
@@ -71,7 +71,10 @@ def views_to_compute(tta: str, augment: Sequence[dict[str, Any]]) -> str:
 
 
 def average_views(logits_per_view: dict[str, np.ndarray], tta: str) -> np.ndarray:
-    """The mean of the logits of the views `tta` averages."""
+    """The mean of the logits of the views `tta` averages (the plain image's own array for one view)."""
+    views = views_of(tta)
+    if len(views) == 1:
+        return logits_per_view[views[0]]
     return np.mean([logits_per_view[view] for view in views_of(tta)], axis=0).astype(np.float32)
 
 
