@@ -12,6 +12,10 @@ rank 8, alpha 16, every non-grouped conv adapted, head trained) it times one tra
 * vision-ft vision_ft.finetune.lora.apply_lora;
 * peft      peft.inject_adapter_in_model(LoraConfig(target_modules=<the same convs>)).
 
+BatchNorm runs as `vision-ft train` runs it (finetune.frozen_bn: freeze, the default): the
+frozen BN layers of floor, vision-ft and peft in eval mode (pretraining's statistics, no batch
+statistics to compute or differentiate), every BN layer of full fine-tuning in training mode.
+
 The step time is the median over --steps steps after warmup. The methods' steps are
 interleaved (method order rotating each round) so that load from other processes on a
 shared machine lands on all of them alike. Peak memory is measured per method in a fresh
@@ -49,6 +53,7 @@ import torch
 from torch import nn
 
 from vision_ft.cpu_memory import keep_freed_memory
+from vision_ft.finetune.freezing import train_mode_with_frozen_bn
 from vision_ft.finetune.lora import apply_lora
 from vision_ft.memory_format import apply_memory_format, resolve_memory_format
 from vision_ft.train import build_optimizer
@@ -75,7 +80,7 @@ def build(model_name: str, method: str, rank: int, seed: int = 0) -> nn.Module:
     if method == "floor":
         model.requires_grad_(False)
     elif method == "vision-ft":
-        apply_lora(model, r=rank, alpha=2 * rank, target_patterns=targets)
+        apply_lora(model, r=rank, alpha=2 * rank, target_patterns=targets)  # adapters + head train
     elif method == "peft":
         import peft
 
@@ -86,7 +91,9 @@ def build(model_name: str, method: str, rank: int, seed: int = 0) -> nn.Module:
             param.requires_grad_("lora_" in name or id(param) in head_ids)
     elif method != "full":
         raise ValueError(f"unknown method {method!r}")
-    return model.train()
+    # As the training loop sets it each epoch: frozen BN layers in eval mode (all of full's BN train).
+    train_mode_with_frozen_bn(model, "freeze")
+    return model
 
 
 def make_step(model: nn.Module, method: str, batch: int, size: int, device: torch.device,
@@ -304,7 +311,8 @@ def main() -> None:
             "settings": {"batch": args.batch, "image_size": args.size, "rank": args.rank, "alpha": 2 * args.rank,
                          "steps": args.steps, "warmup": args.warmup, "optimizer": "AdamW (fused on CPU and CUDA)",
                          "timing": "median of interleaved steps, forward + backward + optimizer step",
-                         "malloc": malloc, "memory_format": args.memory_format},
+                         "malloc": malloc, "memory_format": args.memory_format,
+                         "batchnorm": "frozen BN in eval mode (finetune.frozen_bn freeze), full fine-tuning's in train mode"},
             "device_info": device_info(device),
             "load_average": {"before": load_before, "after": load_average()},
         }

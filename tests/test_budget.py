@@ -109,6 +109,27 @@ def test_a_tight_budget_trains_at_a_smaller_size_instead_of_too_few_epochs():
     assert size_for_budget(224, 30.0, 49, 540, stride=32, min_size=96) == 96  # never below the minimum
 
 
+@pytest.mark.parametrize("first_probe_s, expected", [(2.0, 160), (6.0, 160), (0.5, 224)])
+def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch, first_probe_s, expected):
+    """A machine where a step takes 2 s at 224 px, in proportion to the pixels. The first probe
+    reads 2 s, or 6 s when another process slowed it: both end at 160 px (8 epochs of 49 steps fit
+    in 9 minutes there), because the size it points to is timed again; a fast machine keeps 224 px."""
+    from vision_ft import auto_config
+
+    def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format):
+        if image_size == 224:
+            return first_probe_s
+        return 2.0 * (image_size / 224) ** 2
+    monkeypatch.setattr(auto_config, "probe_step_seconds", probe)
+    config = build_config(None, ["train.time_budget=9m", "model.name=tf_efficientnet_lite0", "data.image_size=224"])
+    notes = auto_config._fit_size_to_budget(config, train_images=49 * 32, num_classes=2, processes=1)
+    assert config.data.image_size == expected
+    if expected < 224:
+        assert len(notes) == 1 and f"{first_probe_s:.2f} s at 224 px" in notes[0] and "at 160 px" in notes[0]
+    else:
+        assert notes == []
+
+
 def test_the_probe_times_a_real_training_step():
     import torch
 

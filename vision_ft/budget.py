@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -179,8 +180,8 @@ PROBE_BATCH = 8
 
 def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_size: int, batch_size: int,
                        device: "torch.device", memory_format: str = "auto") -> float:
-    """Seconds of one training step (forward, backward, optimizer) of `batch_size` images, timed on
-    a random batch of at most PROBE_BATCH and scaled, after one untimed step, in the weights'
+    """Seconds of one training step (forward, backward, optimizer) of `batch_size` images: the median
+    of PROBE_STEPS steps on a random batch of at most PROBE_BATCH, scaled, after one untimed step, in the weights'
     layout training uses (`train.memory_format`); random weights cost the same arithmetic as
     pretrained ones."""
     import torch
@@ -206,16 +207,19 @@ def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.monotonic() - started)
-    return sum(times[1:]) / PROBE_STEPS * batch_size / probe_batch
+    # The median, not the mean: one step slowed by another process must not shrink the run's image size.
+    return statistics.median(times[1:]) * batch_size / probe_batch
 
 
 def size_for_budget(size: int, step_seconds: float, steps_per_epoch: int, budget_s: float, stride: int,
-                    min_size: int) -> int:
-    """The largest size (a multiple of `stride`, at least `min_size`) at which MIN_BUDGET_EPOCHS
-    fit the budget, taking a step's time as proportional to the pixel count; `size` when they fit."""
+                    min_size: int, max_size: int | None = None) -> int:
+    """The largest size (a multiple of `stride`, between `min_size` and `max_size`, which defaults to
+    `size`) at which MIN_BUDGET_EPOCHS fit the budget, from a step's time measured at `size` and
+    taking a step's time as proportional to the pixel count."""
+    max_size = max_size or size
     # Validation, the final evaluation and export take about a quarter of a budget on top of the steps.
     epochs = 0.75 * budget_s / max(1e-9, step_seconds * steps_per_epoch)
-    if epochs >= MIN_BUDGET_EPOCHS:
-        return size
     wanted = size * math.sqrt(epochs / MIN_BUDGET_EPOCHS)
+    if wanted >= max_size:
+        return max_size
     return max(min_size, int(wanted // stride) * stride)
