@@ -90,6 +90,7 @@ def test_learning_rate_defaults_follow_strategy_and_batch():
 def test_selection_metric_and_patience_defaults():
     assert auto_metric(2) == "auroc" and auto_metric(6) == "loss"
     assert auto_patience(8) == 3 and auto_patience(40) == 10
+    assert auto_patience(12, budgeted=True) == 6 and auto_patience(4, budgeted=True) == 3
 
 
 def test_range_test_suggestion_is_the_steepest_fall_before_the_minimum():

@@ -42,3 +42,24 @@ def test_early_stopping_counts_epochs_without_improvement():
     assert not loss.record_epoch(3, 0.85, "loss", patience=1, last_epoch=3)
     assert loss.should_stop(1) and not loss.stopped_early  # the last epoch is not an early stop
     assert math.isclose(loss.best_score, 0.8)
+
+
+def test_a_finished_early_stopped_run_trains_on_when_resumed_with_epochs_left(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from vision_ft.errors import VisionFTError
+    from vision_ft.train import _finished
+
+    (tmp_path / "metrics.json").write_text("{}")
+    def loop(epochs):
+        return SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(epochs=epochs)),
+                               run=SimpleNamespace(root=tmp_path, metrics=tmp_path / "metrics.json"))
+
+    state = TrainingState(epoch=7, best_epoch=4, bad_epochs=3, stopped_early=True)
+    assert _finished(loop(12), state) is False
+    assert not state.stopped_early and state.bad_epochs == 0 and state.best_epoch == 4
+    done = TrainingState(epoch=12, best_epoch=8, stopped_early=False)
+    with pytest.raises(VisionFTError, match="N > 12"):
+        _finished(loop(12), done)

@@ -21,11 +21,14 @@ from vision_ft.lr_defaults import default_lr
 
 # Early-stopping patience: a quarter of the planned epochs, at least 3 (an EMA'd, smoothly
 # decaying run improves in small steps; 5 of 10 epochs cut runs off while still improving).
+# Under a time budget, half: the user gave that time, and the cosine schedule's low-rate end
+# often brings the best epoch (ELPV binary at 128 px, 12 epochs planned: best val ROC-AUC 0.921 at
+# epoch 4, patience 3 stopped the run at epoch 7; trained on, epoch 8 reached 0.927).
 MIN_PATIENCE = 3
 
 
-def auto_patience(epochs: int) -> int:
-    return max(MIN_PATIENCE, math.ceil(epochs / 4))
+def auto_patience(epochs: int, budgeted: bool = False) -> int:
+    return max(MIN_PATIENCE, math.ceil(epochs / (2 if budgeted else 4)))
 
 
 # Selection metrics of the tasks whose choice does not depend on the data: smooth ones again.

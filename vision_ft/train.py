@@ -427,6 +427,11 @@ def _finished(loop: TrainingLoop, state: TrainingState) -> bool:
         return False
     if not loop.run.metrics.is_file():
         return True
+    if state.stopped_early and state.epoch < loop.config.train.epochs:
+        # An early-stopped run resumed to train on: patience counts afresh from here.
+        log.info("run stopped early after epoch %d; training on to epoch %d", state.epoch, loop.config.train.epochs)
+        state.stopped_early, state.bad_epochs = False, 0
+        return False
     raise VisionFTError(
         f"run {loop.run.root} already finished at epoch {state.epoch}; to train longer pass "
         f"--set train.epochs=N with N > {state.epoch} together with --resume"
@@ -550,7 +555,7 @@ def _budget_planner(loop: TrainingLoop, resume: bool, run_started: float) -> Bud
     config = loop.config
     patience_auto = config.train.early_stopping.patience == "auto"
     if patience_auto:  # provisional until the budget's plan says how many epochs there are
-        config.train.early_stopping.patience = auto_patience(config.train.epochs)
+        config.train.early_stopping.patience = auto_patience(config.train.epochs, bool(config.train.time_budget))
         if loop.context.is_main:
             save_config(config, loop.run.config)  # the run folder states the patience it trains with
     if not config.train.time_budget:
@@ -588,7 +593,7 @@ def _plan_epochs(loop: TrainingLoop, epochs_done: int) -> None:
         log.warning("%s", note)
         loop.notes.append(note)
     if budget.patience_auto:
-        config.train.early_stopping.patience = auto_patience(epochs)
+        config.train.early_stopping.patience = auto_patience(epochs, budgeted=True)
     note = budget.describe(epochs)
     log.info("%s", note)
     loop.notes.append(note)
