@@ -116,7 +116,10 @@ def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch
     in 9 minutes there), because the size it points to is timed again; a fast machine keeps 224 px."""
     from vision_ft import auto_config
 
-    def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format):
+    batches = []
+
+    def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format, probe_batch):
+        batches.append(probe_batch)
         if image_size == 224:
             return first_probe_s
         return 2.0 * (image_size / 224) ** 2
@@ -124,6 +127,7 @@ def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch
     config = build_config(None, ["train.time_budget=9m", "model.name=tf_efficientnet_lite0", "data.image_size=224"])
     notes = auto_config._fit_size_to_budget(config, train_images=49 * 32, num_classes=2, processes=1)
     assert config.data.image_size == expected
+    assert batches[0] == 8 and all(batch == 32 for batch in batches[1:])  # the deciding probes run the real batch
     if expected < 224:
         assert len(notes) == 1 and f"{first_probe_s:.2f} s at 224 px" in notes[0] and "at 160 px" in notes[0]
     else:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 from vision_ft.auto_size import choose_image_size
-from vision_ft.budget import (BUDGET_MAX_FACTOR, MIN_BUDGET_EPOCHS, auto_epochs, parse_duration, probe_step_seconds,
-                              size_for_budget)
+from vision_ft.budget import (BUDGET_MAX_FACTOR, DECIDING_PROBE_BATCH, MIN_BUDGET_EPOCHS, PROBE_BATCH, auto_epochs,
+                              parse_duration, probe_step_seconds, size_for_budget)
 from vision_ft.config import Config
 from vision_ft.data.discover import Sample
 from vision_ft.data.loaders import class_counts
@@ -49,10 +49,11 @@ def steps_per_epoch(train_images: int, batch_size: int, processes: int) -> int:
 def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, processes: int) -> list[str]:
     """Shrink an auto image size when the budget would buy fewer than MIN_BUDGET_EPOCHS epochs at it.
 
-    A step's time is not exactly proportional to the pixel count (fixed per-step costs), and one
-    probe can be slowed by another process, so the size the first probe points to is timed again
-    and the second measurement decides; a larger size is taken only when its own timing fits.
-    At most three short probes (a few seconds each on a CPU)."""
+    A step's time is not exactly proportional to the pixel count (fixed per-step costs, caches),
+    and one probe can be slowed by another process, so the size the first, small-batch probe
+    points to is timed again on the training batch (up to DECIDING_PROBE_BATCH images) and that
+    measurement decides; a larger size is taken only when its own timing fits. At most three
+    probes (2-10 s each on a 2-core CPU), counted in the budget."""
     from vision_ft.auto_size import MIN_SIZE, backbone_geometry
     from vision_ft.run_model import default_device
 
@@ -66,8 +67,10 @@ def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, pro
 
     def fitting_size(at: int) -> int:
         if at not in timed:
+            deciding = bool(timed)  # every probe after the first
             timed[at] = probe_step_seconds(config.model.name, num_classes, config.data.channels, at,
-                                           config.train.batch_size, default_device(), config.train.memory_format)
+                                           config.train.batch_size, default_device(), config.train.memory_format,
+                                           DECIDING_PROBE_BATCH if deciding else PROBE_BATCH)
         return size_for_budget(at, timed[at], steps, budget_s, stride, MIN_SIZE, max_size=size)
 
     chosen = fitting_size(size)
