@@ -38,6 +38,14 @@ def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarr
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities in float64: the softmax's order within each class, without
+    probabilities that round to exactly 0 or 1."""
+    shifted = np.asarray(logits, dtype=np.float64)
+    shifted = shifted - shifted.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 @dataclass(frozen=True)
 class DecisionRule:
     """Temperature and operating thresholds of a model (all optional)."""

@@ -54,7 +54,8 @@ def evaluate_run(
         )
     if task.kind == "classification":
         rule = load_decision_rule(run_dir, loaded.class_names)  # the run's temperature and thresholds
-        metrics = task.evaluate(rule.probabilities(outputs.logits), outputs.labels)
+        # The training's test line is computed on the plain softmax; so is this one, so the two agree.
+        metrics = task.evaluate(task.scores(torch.from_numpy(outputs.logits)), outputs.labels)
         predictions = SplitPredictions(outputs.logits, outputs.labels, [str(s.path) for s in samples])
         metrics.update(evaluate_test(rule, predictions, loaded.class_names, cfg.eval, seed=cfg.train.seed))
     else:

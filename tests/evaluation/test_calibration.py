@@ -60,3 +60,27 @@ def test_calibrated_softmax_is_stable_and_rejects_bad_temperature():
     assert np.allclose(probs, [[1, 0], [1, 0]]) and np.isfinite(probs).all()
     with pytest.raises(ValueError):
         calibrated_softmax(np.zeros((1, 2)), 0.0)
+
+
+def test_a_small_temperature_does_not_change_the_test_intervals_roc_auc():
+    """Confident logits under T = 0.02: most calibrated probabilities round to exactly 1.0, but the
+    interval's ROC-AUC ranks the images as the model does, so it equals the T = 1 value."""
+    from vision_ft.config import EvalConfig
+    from vision_ft.decision import DecisionRule, log_softmax
+    from vision_ft.evaluation.bootstrap import weighted_auroc
+    from vision_ft.evaluation.run_evaluation import SplitPredictions, evaluate_test
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    margin = rng.normal(4.0 * (2 * labels - 1), 4.0)  # overlapping classes, |margin| mostly > 1
+    logits = np.stack([-margin / 2, margin / 2], axis=1)
+    assert (calibrated_softmax(logits, 0.02)[:, 1] == 1.0).sum() > 100  # the ties a float64 softmax makes
+    settings = EvalConfig(bootstrap_resamples=50)
+    test = SplitPredictions(logits, labels, [f"{i}.png" for i in range(len(labels))])
+    cold = evaluate_test(DecisionRule(temperature=0.02), test, ["a", "b"], settings)["test_ci"]["auroc"]["value"]
+    plain = evaluate_test(DecisionRule(temperature=1.0), test, ["a", "b"], settings)["test_ci"]["auroc"]["value"]
+    assert cold == pytest.approx(plain)
+    ones = np.ones((1, len(labels)), np.float32)
+    exact = float(weighted_auroc(ones, labels == 1, margin)[0])
+    assert plain == pytest.approx(exact, abs=1e-9)
+    assert np.allclose(np.exp(log_softmax(logits)), calibrated_softmax(logits))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from vision_ft.config import Config, EvalConfig
-from vision_ft.decision import DecisionRule, calibrated_softmax
+from vision_ft.decision import DecisionRule, calibrated_softmax, log_softmax
 from vision_ft.errors import VisionFTError
 from vision_ft.evaluation.bootstrap import CONFUSION_METRICS, bootstrap_metrics, format_with_ci
 from vision_ft.evaluation.calibration import calibration_measures, choose_temperature, plot_reliability
@@ -105,7 +105,9 @@ def evaluate_test(rule: DecisionRule, test: SplitPredictions, class_names: list[
                                                 "temperature": rule.temperature}}
     positive = positive_index(settings, class_names)
     if settings.bootstrap_resamples > 0:
-        out["test_ci"] = bootstrap_metrics(test.labels, after, groups=test.groups, positive=positive,
+        # Log-probabilities rank the images as the probabilities do, without the ties a small
+        # temperature makes when confident images' probabilities all round to exactly 1.0.
+        out["test_ci"] = bootstrap_metrics(test.labels, log_softmax(test.logits), groups=test.groups, positive=positive,
                                            n_resamples=settings.bootstrap_resamples, confidence=settings.confidence,
                                            seed=seed)
     decided = rule.decide(after)
