@@ -401,8 +401,9 @@ def _run_training(config: Config, run: RunFolder, class_names: list[str], splits
             break
         if run_epoch(loop, state, epoch):
             stopped_early = epoch < config.train.epochs
-            log.info("early stopping: val %s did not improve for %d epochs", config.train.early_stopping.metric,
-                     config.train.early_stopping.patience)
+            if stopped_early:  # at the last epoch the run simply ends
+                log.info("early stopping: val %s did not improve for %d epochs", config.train.early_stopping.metric,
+                         config.train.early_stopping.patience)
             break
     return _finish(loop, state, stopped_early)
 
