@@ -67,19 +67,17 @@ def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, pro
 
     def fitting_size(at: int) -> int:
         if at not in timed:
-            deciding = bool(timed)  # every probe after the first
+            probe_batch = DECIDING_PROBE_BATCH if timed else PROBE_BATCH  # every probe after the first decides
             timed[at] = probe_step_seconds(config.model.name, num_classes, config.data.channels, at,
                                            config.train.batch_size, default_device(), config.train.memory_format,
-                                           DECIDING_PROBE_BATCH if deciding else PROBE_BATCH)
+                                           probe_batch)
         return size_for_budget(at, timed[at], steps, budget_s, stride, MIN_SIZE, max_size=size)
 
     chosen = fitting_size(size)
     if chosen == size:
         return []
     second = fitting_size(chosen)
-    if second < chosen:
-        chosen = second
-    elif second > chosen and fitting_size(second) >= second:
+    if second < chosen or (second > chosen and fitting_size(second) >= second):
         chosen = second
     config.data.image_size = chosen
     steps_timed = ", ".join(f"{seconds:.2f} s at {at} px" for at, seconds in timed.items())

@@ -185,9 +185,9 @@ DECIDING_PROBE_BATCH = 32
 def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_size: int, batch_size: int,
                        device: "torch.device", memory_format: str = "auto", probe_batch: int = PROBE_BATCH) -> float:
     """Seconds of one training step (forward, backward, optimizer) of `batch_size` images: the median
-    of PROBE_STEPS steps on a random batch of at most `probe_batch`, scaled, after one untimed step, in the weights'
-    layout training uses (`train.memory_format`); random weights cost the same arithmetic as
-    pretrained ones."""
+    of PROBE_STEPS steps on a random batch of at most `probe_batch`, scaled, after one untimed step,
+    in the weights' layout training uses (`train.memory_format`); random weights cost the same
+    arithmetic as pretrained ones."""
     import torch
     from torch import nn
 

@@ -47,13 +47,13 @@ from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.finetune.lora import lora_modules, merge_lora
 from vision_ft.heatmaps.cam import CAM_OUTPUT
 from vision_ft.heatmaps.cam_export import cam_classifier_for, check_cam_export
-from vision_ft.tta import views_of, with_views
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
 from vision_ft.run_folder import open_run_folder
 from vision_ft.run_model import is_anomaly_run, load_run
 from vision_ft.runtime import OnnxClassifier, open_session
 from vision_ft.tasks.base import Task
 from vision_ft.tasks.postprocess import task_summary
+from vision_ft.tta import views_of, with_views
 
 OPSET = 20
 # Largest |onnxruntime - torch| logit difference accepted for logits up to 10 in size; larger

@@ -7,8 +7,8 @@ from typing import Any
 from vision_ft import __version__
 from vision_ft.config import Config
 from vision_ft.evaluation.run_evaluation import report_section
-from vision_ft.tta import views_of
 from vision_ft.run_folder import RunFolder
+from vision_ft.tta import views_of
 
 
 def _fmt(value: Any) -> str:

@@ -423,7 +423,8 @@ def _finish(loop: TrainingLoop, state: TrainingState, stopped_early: bool) -> Tr
 
 def _finished(loop: TrainingLoop, state: TrainingState) -> bool:
     """True for a run whose epochs are all done but whose final evaluation never ran; raises
-    for a run that is completely finished."""
+    for a run that is completely finished. A finished run that stopped early with epochs left
+    is reopened instead (False, its early stop and patience count cleared)."""
     if state.epoch < loop.config.train.epochs and not state.stopped_early:
         return False
     if not loop.run.metrics.is_file():

@@ -75,7 +75,7 @@ def average_views(logits_per_view: dict[str, np.ndarray], tta: str) -> np.ndarra
     views = views_of(tta)
     if len(views) == 1:
         return logits_per_view[views[0]]
-    return np.mean([logits_per_view[view] for view in views_of(tta)], axis=0).astype(np.float32)
+    return np.mean([logits_per_view[view] for view in views], axis=0).astype(np.float32)
 
 
 def choose_tta(candidate: str, logits_per_view: dict[str, np.ndarray],
