@@ -8,8 +8,14 @@ rank 8, alpha 16, every non-grouped conv adapted, head trained) it times one tra
 
 * full      every parameter trains;
 * floor     every parameter frozen, backward to the input only: no weight gradient at all,
-            the least any adapter method can pay (no optimizer step: nothing trains);
-* vision-ft vision_ft.finetune.lora.apply_lora;
+            the least any adapter method can pay on the model as timm builds it (no optimizer
+            step: nothing trains);
+* floor, BN folded
+            the floor with every frozen conv -> BN pair fused into one conv (the weights
+            pre-scaled, the BN layer passed through): the least any adapter method can pay
+            when it, too, folds the frozen BN layers;
+* vision-ft vision_ft.finetune.lora.apply_lora, which folds each frozen BN layer into the LoRA
+            conv before it (vision_ft.finetune.norm_folding), so it can run under the floor;
 * peft      peft.inject_adapter_in_model(LoraConfig(target_modules=<the same convs>)).
 
 BatchNorm runs as `vision-ft train` runs it (finetune.frozen_bn: freeze, the default): the
@@ -55,11 +61,12 @@ from torch import nn
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.finetune.freezing import train_mode_with_frozen_bn
 from vision_ft.finetune.lora import apply_lora
+from vision_ft.finetune.norm_folding import conv_norm_pairs, folding_class
 from vision_ft.memory_format import apply_memory_format, resolve_memory_format
 from vision_ft.train import build_optimizer
 
 MODELS = ("resnet18", "tf_efficientnet_lite0")
-METHODS = ("floor", "full", "vision-ft", "peft")
+METHODS = ("floor", "floor-folded", "full", "vision-ft", "peft")
 NUM_CLASSES = 10
 THREADS = 2
 
@@ -77,8 +84,10 @@ def build(model_name: str, method: str, rank: int, seed: int = 0) -> nn.Module:
     model = timm.create_model(model_name, pretrained=False, num_classes=NUM_CLASSES)
     head_ids = {id(p) for p in model.get_classifier().parameters()}
     targets = adapted_conv_names(model)
-    if method == "floor":
+    if method in ("floor", "floor-folded"):
         model.requires_grad_(False)
+        if method == "floor-folded":
+            fuse_frozen_conv_norms(model)
     elif method == "vision-ft":
         apply_lora(model, r=rank, alpha=2 * rank, target_patterns=targets)  # adapters + head train
     elif method == "peft":
@@ -96,6 +105,20 @@ def build(model_name: str, method: str, rank: int, seed: int = 0) -> nn.Module:
     return model
 
 
+def fuse_frozen_conv_norms(model: nn.Module) -> int:
+    """Each conv -> BN pair of a frozen model as one conv with the BN's scale and shift in its
+    weight and bias, the BN layer passing its input through (as long as it stays frozen)."""
+    pairs = conv_norm_pairs(model, nn.Conv2d)
+    with torch.no_grad():
+        for conv_name, norm_name in pairs:
+            conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+            weight, bias = nn.utils.fusion.fuse_conv_bn_weights(
+                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+            conv.weight, conv.bias = weight.requires_grad_(False), bias.requires_grad_(False)
+            norm.__class__ = folding_class(norm)
+    return len(pairs)
+
+
 def make_step(model: nn.Module, method: str, batch: int, size: int, device: torch.device,
               memory_format: str = "contiguous") -> Callable[[], None]:
     """One training step on a fixed random batch."""
@@ -106,7 +129,7 @@ def make_step(model: nn.Module, method: str, batch: int, size: int, device: torc
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, 1e-4, 0.01, device) if params else None  # as vision-ft train builds it
-    if method == "floor":
+    if method in ("floor", "floor-folded"):
         images.requires_grad_(True)  # backward all the way to the input, through frozen layers
 
     def step() -> None:
@@ -225,15 +248,18 @@ def load_average() -> list[float] | None:
 
 
 def print_table(results: dict[str, dict[str, object]], methods: list[str]) -> None:
-    labels = {"floor": "frozen floor", "full": "full fine-tune", "vision-ft": "vision-ft LoRA", "peft": "peft LoRA"}
-    print(f"\n{'model':22s} {'method':15s} {'step ms':>8s} {'x floor':>8s} {'cpu ms':>8s} {'x floor':>8s} {'peak MiB':>9s}")
+    labels = {"floor": "frozen floor", "floor-folded": "floor, BN folded", "full": "full fine-tune",
+              "vision-ft": "vision-ft LoRA", "peft": "peft LoRA"}
+    print(f"\n{'model':22s} {'method':16s} {'step ms':>8s} {'x floor':>8s} {'x folded':>9s} {'cpu ms':>8s} "
+          f"{'x floor':>8s} {'peak MiB':>9s}")
     for model_name, result in results.items():
         times, cpu, memory = result["step_ms"], result["step_cpu_ms"], result["peak_memory_mib"]
         for method in methods:
             peak = memory.get(method)
             peak_text = f"{peak:9.0f}" if isinstance(peak, (int, float)) else f"{'-':>9s}"
-            print(f"{model_name:22s} {labels[method]:15s} {times[method]:8.1f} {times[method] / times['floor']:8.3f} "
-                  f"{cpu[method]:8.1f} {cpu[method] / cpu['floor']:8.3f} {peak_text}")
+            print(f"{model_name:22s} {labels[method]:16s} {times[method]:8.1f} {times[method] / times['floor']:8.3f} "
+                  f"{times[method] / times['floor-folded']:9.3f} {cpu[method]:8.1f} {cpu[method] / cpu['floor']:8.3f} "
+                  f"{peak_text}")
 
 
 def main() -> None:
@@ -288,6 +314,7 @@ def main() -> None:
                 memory_how = probe["how"]
         result: dict[str, object] = {
             "lora_over_floor": medians["vision-ft"] / medians["floor"],
+            "lora_over_folded_floor": medians["vision-ft"] / medians["floor-folded"],
             "full_over_floor": medians["full"] / medians["floor"],
         }
         if "peft" in medians:
@@ -312,7 +339,9 @@ def main() -> None:
                          "steps": args.steps, "warmup": args.warmup, "optimizer": "AdamW (fused on CPU and CUDA)",
                          "timing": "median of interleaved steps, forward + backward + optimizer step",
                          "malloc": malloc, "memory_format": args.memory_format,
-                         "batchnorm": "frozen BN in eval mode (finetune.frozen_bn freeze), full fine-tuning's in train mode"},
+                         "batchnorm": "frozen BN in eval mode (finetune.frozen_bn freeze), full fine-tuning's in train mode; "
+                                      "vision-ft LoRA folds each frozen BN into the LoRA conv before it, "
+                                      "floor-folded every conv -> BN pair"},
             "device_info": device_info(device),
             "load_average": {"before": load_before, "after": load_average()},
         }

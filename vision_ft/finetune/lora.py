@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision_ft.errors import VisionFTError
+from vision_ft.finetune.norm_folding import fold_norms_into, folded_weights, norm_is_frozen, unfold_norms
 from vision_ft.finetune.lora_targets import TARGET_TYPES, find_lora_targets, is_dynamic_same_conv, is_norm_layer, layer_kind
 from vision_ft.models.head import head_module_names
 from vision_ft_kernels import lora_conv2d
@@ -139,6 +140,7 @@ class LoRAConv2d(_LoRABase):
         self.dynamic_same = is_dynamic_same_conv(conv)
         self.base_class = type(conv)
         self.backend = backend
+        self.folded_norm: nn.Module | None = None  # set by norm_folding, never a submodule
         self.weight = conv.weight
         self.bias = conv.bias
         self._init_lora(r, alpha, dropout, rslora, (r, *conv.weight.shape[1:]))
@@ -167,20 +169,24 @@ class LoRAConv2d(_LoRABase):
 
     def forward(self, x: Tensor) -> Tensor:
         padded, padding = self._padded(x)
+        weight, bias, lora_b = self.weight, self.bias, self.lora_b
+        if self.folded_norm is not None and norm_is_frozen(self.folded_norm):
+            # The frozen BN after this conv is applied here and passes its input through.
+            weight, bias, lora_b = folded_weights(self.folded_norm, weight, bias, lora_b)
         if self.merged:
-            return F.conv2d(padded, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            return F.conv2d(padded, weight, bias, self.stride, padding, self.dilation, self.groups)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             # Dropout feeds A a different input than W, so the single-pass kernel does not apply.
-            base = F.conv2d(padded, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            base = F.conv2d(padded, weight, bias, self.stride, padding, self.dilation, self.groups)
             dropped, _ = self._padded(self.lora_dropout(x))
             if self.groups == 1:
                 down = F.conv2d(dropped, self.lora_a, None, self.stride, padding, self.dilation)
-                delta = F.conv2d(down, self.lora_b[:, :, None, None])
+                delta = F.conv2d(down, lora_b[:, :, None, None])
             else:
-                delta_weight = (self.lora_b @ self.lora_a.flatten(1)).view_as(self.weight)
+                delta_weight = (lora_b @ self.lora_a.flatten(1)).view_as(weight)
                 delta = F.conv2d(dropped, delta_weight, None, self.stride, padding, self.dilation, self.groups)
             return base + self.scaling * delta
-        return lora_conv2d(padded, self.weight, self.bias, self.lora_a, self.lora_b, self.scaling,
+        return lora_conv2d(padded, weight, bias, self.lora_a, lora_b, self.scaling,
                            self.stride, padding, self.dilation, self.groups, backend=self.backend)
 
     def to_base(self) -> nn.Conv2d:
@@ -281,6 +287,7 @@ def inject_lora(
             wrapped = LoRALinear(layer, r, alpha, dropout, rslora)
         wrapped.train(layer.training)
         _replace(model, name, wrapped)
+    fold_norms_into(model, LoRAConv2d)
     return names
 
 
@@ -313,6 +320,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The result contains no LoRA modules, computes the same outputs and returns `model`.
     """
+    unfold_norms(model)
     for name, module in list(lora_modules(model)):
         module.merge()
         _replace(model, name, module.to_base())
