@@ -61,7 +61,7 @@ from torch import nn
 from vision_ft.cpu_memory import keep_freed_memory
 from vision_ft.finetune.freezing import train_mode_with_frozen_bn
 from vision_ft.finetune.lora import apply_lora
-from vision_ft.finetune.norm_folding import conv_norm_pairs, folding_class
+from vision_ft.finetune.norm_folding import fold_norms_into
 from vision_ft.memory_format import apply_memory_format, resolve_memory_format
 from vision_ft.train import build_optimizer
 
@@ -108,15 +108,7 @@ def build(model_name: str, method: str, rank: int, seed: int = 0) -> nn.Module:
 def fuse_frozen_conv_norms(model: nn.Module) -> int:
     """Each conv -> BN pair of a frozen model as one conv with the BN's scale and shift in its
     weight and bias, the BN layer passing its input through (as long as it stays frozen)."""
-    pairs = conv_norm_pairs(model, nn.Conv2d)
-    with torch.no_grad():
-        for conv_name, norm_name in pairs:
-            conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
-            weight, bias = nn.utils.fusion.fuse_conv_bn_weights(
-                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
-            conv.weight, conv.bias = weight.requires_grad_(False), bias.requires_grad_(False)
-            norm.__class__ = folding_class(norm)
-    return len(pairs)
+    return len(fold_norms_into(model))
 
 
 def make_step(model: nn.Module, method: str, batch: int, size: int, device: torch.device,

@@ -45,6 +45,7 @@ from vision_ft.data.transforms import build_transforms
 from vision_ft.errors import VisionFTError
 from vision_ft.evaluation.run_evaluation import load_decision_rule
 from vision_ft.finetune.lora import lora_modules, merge_lora
+from vision_ft.finetune.norm_folding import unfold_norms
 from vision_ft.heatmaps.cam import CAM_OUTPUT
 from vision_ft.heatmaps.cam_export import cam_classifier_for, check_cam_export
 from vision_ft.onnx_metadata import ModelMetadata, write_metadata
@@ -267,6 +268,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     """A CPU float32 copy of `model` in eval mode with LoRA merged and nothing requiring grad;
     the caller's model (perhaps still training, perhaps on a GPU) is left as it was."""
     model = merge_adapters(copy.deepcopy(model).cpu()).float().eval()
+    unfold_norms(model)  # plain conv and BN layers in the exported graph
     for param in model.parameters():
         param.requires_grad_(False)
     return model

@@ -449,8 +449,7 @@ def _build_model(config: Config, num_classes: int, resume: bool,
     weights = "none" if resume else None  # resume takes every weight from the checkpoint
     model = build_model(config, num_classes, weights=weights)
     strategy = build_strategy(config.finetune)
-    strategy.adapt(model)
-    strategy.set_trainable(model, epoch=1)
+    strategy.prepare(model)
     model.to(device)
     apply_memory_format(model, config.train.memory_format, device)
     mean, std = normalisation(config, model)

@@ -242,7 +242,7 @@ def test_resume_rebuilds_the_same_optimizer_groups_mid_schedule():
 
     resumed = make_model("resnet18")
     resumed_strategy = build_strategy(FinetuneConfig(**settings))
-    resumed_strategy.adapt(resumed)
+    resumed_strategy.prepare(resumed)  # as training builds the model, frozen BN folding included
     resumed.load_state_dict(model.state_dict())
     resumed_strategy.load_state_dict(saved_strategy)
     resumed_strategy.set_trainable(resumed, epoch=3)  # as training does: the last finished epoch

@@ -42,7 +42,8 @@ def check_strategy(config: Config, num_classes: int) -> None:
             model = create_model(config.model.name, num_classes=num_classes, in_chans=config.data.channels,
                                  weights="none", drop_rate=config.model.drop_rate,
                                  image_size=config.data.image_size if isinstance(config.data.image_size, int) else None)
-            strategy.prepare(model)
+            strategy.adapt(model)  # prepare's BN folding would only trace a model about to be dropped
+            strategy.set_trainable(model, epoch=1)
     except VisionFTError:
         raise
     except Exception:  # a model that cannot live on the meta device: the same check runs when training starts

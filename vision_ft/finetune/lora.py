@@ -287,7 +287,7 @@ def inject_lora(
             wrapped = LoRALinear(layer, r, alpha, dropout, rslora)
         wrapped.train(layer.training)
         _replace(model, name, wrapped)
-    fold_norms_into(model, LoRAConv2d)
+    fold_norms_into(model)
     return names
 
 

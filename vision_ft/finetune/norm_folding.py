@@ -1,17 +1,19 @@
-"""Frozen BatchNorm folded into the LoRA conv before it, while both are frozen.
+"""Frozen BatchNorm folded into the conv before it, while the BN layer is frozen.
 
 A BatchNorm in eval mode whose parameters do not train is a fixed per-channel affine map,
-y = scale * x + shift, so conv -> BN computes conv(x, scale * W) + scale * bias + shift. When the
-conv is a LoRA adapter, scale moves onto W and B (the adapter's delta is B @ A, so scaling B's
-rows scales the delta's output channels) and the BN layer passes its input through. That saves
-the BN layer's two activation-sized passes (forward, and backward to its input) per adapted
-conv; they are about a quarter of a frozen BN CNN's step on a CPU.
+y = scale * x + shift, so conv -> BN computes conv(x, scale * W) + scale * bias + shift. The conv
+applies it (a multiply on weight-sized tensors) and the BN layer passes its input through. That
+saves the BN layer's activation-sized passes: forward, and backward to its input when gradients
+flow through it. They are about a quarter of a frozen BN CNN's training step on a CPU, which is
+what LoRA, linear probing and partial freezing run through.
 
-The fold is decided at every forward from the BN layer's state (`norm_is_frozen`), by both
-layers alike: a BN layer put back in training mode, or whose parameters are set to train (LoRA
-with train_norm), runs as usual and its conv stops folding. Weights, buffers, state-dict keys
-and the adapter's own tensors are never changed; `unfold_norms` restores the layers' classes
-(merge_lora does, so exported models hold plain BN layers).
+Plain nn.Conv2d layers (and timm's Conv2dSame) become `FoldingConv2d` (`FoldingConv2dSame`);
+LoRA convs fold by themselves (their delta is B @ A, so B's rows take the scale). The fold is
+decided at every forward from the BN layer's state (`norm_is_frozen`), by both layers alike: a BN
+layer put back in training mode, or whose parameters are set to train (full fine-tuning, a group
+that progressive unfreezing reaches, LoRA with train_norm), runs as usual and its conv stops
+folding. Weights, buffers and state-dict keys are never changed; `unfold_norms` restores the
+layers' classes (merge_lora and the ONNX exporter do, so exported models hold plain layers).
 
 Pairs are found on a symbolic trace (torch.fx): a BN layer is folded only when every call of it
 takes the output of its conv and that output goes nowhere else. A model that does not trace
@@ -22,15 +24,14 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # timm's BatchNorm + activation layer: the BN of EfficientNet, MobileNet, RegNet, ...
-    from timm.layers import BatchNormAct2d
-except ImportError:  # pragma: no cover - timm is a dependency; guard for a stripped install
-    BatchNormAct2d = None
+from timm.layers import BatchNormAct2d, Conv2dSame  # BN + activation of EfficientNet, MobileNet, RegNet
+from timm.layers.padding import pad_same
 
-__all__ = ["fold_norms_into", "unfold_norms", "norm_is_frozen", "folded_weights", "conv_norm_pairs", "folding_class",
-           "FoldedBatchNorm2d"]
+__all__ = ["fold_norms_into", "unfold_norms", "norm_is_frozen", "folded_weights", "conv_norm_pairs",
+           "FoldedBatchNorm2d", "FoldedBatchNormAct2d", "FoldingConv2d", "FoldingConv2dSame"]
 
 
 def norm_is_frozen(norm: nn.Module) -> bool:
@@ -39,23 +40,25 @@ def norm_is_frozen(norm: nn.Module) -> bool:
             and not any(p.requires_grad for p in norm.parameters(recurse=False)))
 
 
-def folded_weights(norm: nn.Module, weight: Tensor, bias: Tensor | None, lora_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def folded_weights(norm: nn.Module, weight: Tensor, bias: Tensor | None,
+                   lora_b: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(scale * W, scale * bias + shift, scale * B) for a frozen BN layer `norm` after the conv.
 
     scale and shift are constants; W, bias and B keep their autograd graphs (a multiply is their
     only extra step, on weight-sized tensors).
     """
+    compute = torch.promote_types(weight.dtype, torch.float32)  # fp32 for 16-bit weights, fp64 stays
     with torch.no_grad():
-        scale = torch.rsqrt(norm.running_var.float() + norm.eps)
+        scale = torch.rsqrt(norm.running_var.to(compute) + norm.eps)
         if norm.weight is not None:
-            scale = scale * norm.weight.float()
-        shift = -norm.running_mean.float() * scale
+            scale = scale * norm.weight.to(compute)
+        shift = -norm.running_mean.to(compute) * scale
         if norm.bias is not None:
-            shift = shift + norm.bias.float()
+            shift = shift + norm.bias.to(compute)
     # An elementwise product keeps W's memory layout (channels-last stays channels-last).
     scaled_weight = weight * scale.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
     scaled_bias = shift.to(weight.dtype) if bias is None else torch.addcmul(shift.to(bias.dtype), bias, scale.to(bias.dtype))
-    return scaled_weight, scaled_bias, lora_b * scale.to(lora_b.dtype)[:, None]
+    return scaled_weight, scaled_bias, None if lora_b is None else lora_b * scale.to(lora_b.dtype)[:, None]
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
@@ -65,44 +68,71 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return x if norm_is_frozen(self) else super().forward(x)
 
 
-_FOLDED_CLASSES: dict[type, type] = {nn.BatchNorm2d: FoldedBatchNorm2d}
+class FoldedBatchNormAct2d(BatchNormAct2d):
+    """timm's BatchNormAct2d whose conv applies the BN part while it is frozen: then only its
+    dropout and activation run."""
 
-if BatchNormAct2d is not None:
-    class FoldedBatchNormAct2d(BatchNormAct2d):
-        """timm's BatchNormAct2d whose conv applies the BN part while it is frozen: then only
-        its dropout and activation run."""
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.act(self.drop(x)) if norm_is_frozen(self) else super().forward(x)
-
-    _FOLDED_CLASSES[BatchNormAct2d] = FoldedBatchNormAct2d
-    __all__.append("FoldedBatchNormAct2d")
-
-_ORIGINAL_CLASSES = {folded: original for original, folded in _FOLDED_CLASSES.items()}
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(x)) if norm_is_frozen(self) else super().forward(x)
 
 
-def folding_class(norm: nn.Module) -> type | None:
-    """The class that lets `norm` be applied by its conv, or None for a BN type without one."""
-    return _FOLDED_CLASSES.get(type(norm))
+class FoldingConv2d(nn.Conv2d):
+    """nn.Conv2d that applies the BN layer after it (`folded_norm`) while that BN is frozen."""
+
+    folded_norm: nn.Module | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.folded_norm is None or not norm_is_frozen(self.folded_norm):
+            return super().forward(x)
+        weight, bias, _ = folded_weights(self.folded_norm, self.weight, self.bias)
+        return self._conv_forward(x, weight, bias)
+
+
+class FoldingConv2dSame(Conv2dSame):
+    """timm's Conv2dSame (TensorFlow 'SAME' padding) with FoldingConv2d's fold."""
+
+    folded_norm: nn.Module | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.folded_norm is None or not norm_is_frozen(self.folded_norm):
+            return super().forward(x)
+        weight, bias, _ = folded_weights(self.folded_norm, self.weight, self.bias)
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, weight, bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+# Each foldable class and the class it becomes; adapter convs (LoRA) fold in their own forward.
+_FOLDING_CLASSES: dict[type, type] = {
+    nn.BatchNorm2d: FoldedBatchNorm2d,
+    BatchNormAct2d: FoldedBatchNormAct2d,
+    nn.Conv2d: FoldingConv2d,
+    Conv2dSame: FoldingConv2dSame,
+}
+_ORIGINAL_CLASSES = {folding: original for original, folding in _FOLDING_CLASSES.items()}
+_NORM_TYPES = (nn.BatchNorm2d, BatchNormAct2d)
+
+
+def _can_fold_into(module: nn.Module) -> bool:
+    """A conv that can apply a BN layer: a plain conv of a known class, or one that reads
+    `folded_norm` itself (LoRAConv2d) and has none yet."""
+    if type(module) in (nn.Conv2d, Conv2dSame):
+        return True
+    return type(module) not in _ORIGINAL_CLASSES and "folded_norm" in vars(module) and module.folded_norm is None
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Traces calls to convs, norms and the given module types without entering them."""
-
-    def __init__(self, leaf_types: tuple[type, ...]) -> None:
-        super().__init__()
-        self.leaf_types = leaf_types
+    """Traces calls to convs, norms and adapter convs without entering them."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (nn.Conv2d, nn.BatchNorm2d, *self.leaf_types)) or super().is_leaf_module(
-            module, qualified_name)
+        return (isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or "folded_norm" in vars(module)
+                or super().is_leaf_module(module, qualified_name))
 
 
-def conv_norm_pairs(model: nn.Module, conv_type: type) -> list[tuple[str, str]]:
-    """(conv name, BN name) where the BN layer only ever normalises that conv's output, and the
-    conv's output feeds only that BN layer."""
+def conv_norm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BN name) for each conv that can fold the BN layer after it: the BN layer only
+    ever normalises that conv's output, and the conv's output feeds only that BN layer."""
     try:
-        graph = _LeafTracer((conv_type,)).trace(model)
+        graph = _LeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - any model fx cannot trace simply keeps its BN layers
         return []
     modules = dict(model.named_modules())
@@ -112,43 +142,47 @@ def conv_norm_pairs(model: nn.Module, conv_type: type) -> list[tuple[str, str]]:
             calls.setdefault(node.target, []).append(node)
     pairs = []
     for conv_name, conv_calls in calls.items():
-        if not isinstance(modules[conv_name], conv_type):
+        if not _can_fold_into(modules[conv_name]):
             continue
         users = {user for node in conv_calls for user in node.users}
         norm_names = {user.target for user in users if user.op == "call_module"}
         if len(norm_names) != 1 or any(len(node.users) != 1 for node in conv_calls) or len(users) != len(conv_calls):
             continue
         norm_name = norm_names.pop()
-        if type(modules[norm_name]) not in _FOLDED_CLASSES:
+        if type(modules[norm_name]) not in _NORM_TYPES:  # exact types: a subclass may normalise differently
             continue
-        norm_calls = calls[norm_name]
         # Every call of the BN layer takes one of this conv's outputs and nothing else.
-        if all(len(node.args) == 1 and not node.kwargs and node.args[0] in conv_calls for node in norm_calls):
+        if all(len(node.args) == 1 and not node.kwargs and node.args[0] in conv_calls for node in calls[norm_name]):
             pairs.append((conv_name, norm_name))
     return pairs
 
 
-def fold_norms_into(model: nn.Module, conv_type: type) -> list[str]:
-    """Let every `conv_type` layer (a LoRA conv) apply the BN layer after it while that BN is frozen.
+def fold_norms_into(model: nn.Module) -> list[str]:
+    """Let every conv that can apply the BN layer after it do so while that BN is frozen.
 
-    Sets the conv's `folded_norm` and switches the BN layer to its folding class (same
-    parameters, buffers and state-dict keys). Returns the names of the BN layers.
+    Switches plain convs and BN layers to their folding classes (same parameters, buffers and
+    state-dict keys) and sets each conv's `folded_norm`. Convs already folding are left alone.
+    Returns the names of the BN layers folded now.
     """
     folded = []
-    for conv_name, norm_name in conv_norm_pairs(model, conv_type):
-        norm = model.get_submodule(norm_name)
-        norm.__class__ = folding_class(norm)
+    for conv_name, norm_name in conv_norm_pairs(model):
+        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        norm.__class__ = _FOLDING_CLASSES[type(norm)]
+        conv.__class__ = _FOLDING_CLASSES.get(type(conv), type(conv))
         # A plain attribute, not a submodule: the BN layer stays where its state-dict keys say.
-        object.__setattr__(model.get_submodule(conv_name), "folded_norm", norm)
+        object.__setattr__(conv, "folded_norm", norm)
         folded.append(norm_name)
     return folded
 
 
 def unfold_norms(model: nn.Module) -> None:
-    """Every folding BN layer back to its own class (its conv must no longer fold it)."""
+    """Every folding conv and BN layer back to its own class and computation."""
     for module in model.modules():
         original = _ORIGINAL_CLASSES.get(type(module))
         if original is not None:
             module.__class__ = original
-        if getattr(module, "folded_norm", None) is not None:
-            object.__setattr__(module, "folded_norm", None)
+        if "folded_norm" in vars(module):
+            if original is not None:
+                object.__delattr__(module, "folded_norm")
+            else:  # an adapter conv, which keeps the attribute
+                object.__setattr__(module, "folded_norm", None)

@@ -25,6 +25,7 @@ from vision_ft.config import FinetuneConfig
 from vision_ft.errors import VisionFTError
 from vision_ft.finetune.freezing import frozen_norm_layers, set_trainable_groups, train_mode_with_frozen_bn
 from vision_ft.finetune.layer_groups import LayerGroup, layer_groups
+from vision_ft.finetune.norm_folding import fold_norms_into
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
@@ -105,9 +106,11 @@ class Strategy:
         set_trainable_groups(model, groups, self.trainable_groups(groups, epoch))
 
     def prepare(self, model: nn.Module) -> None:
-        """A fresh model ready for epoch 1: `adapt`, then `set_trainable` for epoch 1."""
+        """A fresh model ready for epoch 1: `adapt`, `set_trainable` for epoch 1, and every frozen
+        BatchNorm applied by the conv before it while it stays frozen (`norm_folding`)."""
         self.adapt(model)
         self.set_trainable(model, epoch=1)
+        fold_norms_into(model)
 
     # ------------------------------------------------------------ optimizer groups
 
