@@ -118,7 +118,8 @@ def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch
 
     batches = []
 
-    def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format, probe_batch):
+    def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format, probe_batch, finetune):
+        assert finetune.strategy == "full"  # the run's strategy is what gets timed
         batches.append(probe_batch)
         if image_size == 224:
             return first_probe_s
@@ -142,3 +143,34 @@ def test_the_probe_times_a_real_training_step():
     seconds = probe_step_seconds("resnet18", num_classes=2, channels=3, image_size=32, batch_size=16,
                                  device=torch.device("cpu"))
     assert seconds > 0
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "lora", "partial", "progressive", "full"])
+def test_the_probe_times_the_runs_strategy(monkeypatch, strategy):
+    """A linear probe or LoRA step is timed as such (a fraction of a full step, so the budget
+    affords a larger size); progressive unfreezing as full fine-tuning, which its last epochs are."""
+    import torch
+
+    from vision_ft import budget
+    from vision_ft.config import FinetuneConfig
+
+    optimized: list[list[torch.Tensor]] = []
+    real_adamw = torch.optim.AdamW
+
+    def spy(params, **kwargs):
+        optimized.append(list(params))
+        return real_adamw(optimized[-1], **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    extra = {"freeze_groups": 2} if strategy == "partial" else {}
+    budget.probe_step_seconds("resnet18", num_classes=2, channels=3, image_size=32, batch_size=4,
+                              device=torch.device("cpu"), finetune=FinetuneConfig(strategy=strategy, **extra))
+    total = sum(p.numel() for p in optimized[0])
+    head = 512 * 2 + 2
+    if strategy == "linear_probe":
+        assert total == head
+    elif strategy == "lora":
+        assert head < total < 1_000_000  # adapters and head, not ResNet-18's 11.2 M weights
+    elif strategy == "partial":
+        assert 1_000_000 < total < 11_177_538  # the upper groups only
+    else:
+        assert total == 11_177_538

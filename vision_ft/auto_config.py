@@ -70,7 +70,7 @@ def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, pro
             probe_batch = DECIDING_PROBE_BATCH if timed else PROBE_BATCH  # every probe after the first decides
             timed[at] = probe_step_seconds(config.model.name, num_classes, config.data.channels, at,
                                            config.train.batch_size, default_device(), config.train.memory_format,
-                                           probe_batch)
+                                           probe_batch, config.finetune)
         return size_for_budget(at, timed[at], steps, budget_s, stride, MIN_SIZE, max_size=size)
 
     chosen = fitting_size(size)
@@ -81,7 +81,7 @@ def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, pro
         chosen = second
     config.data.image_size = chosen
     steps_timed = ", ".join(f"{seconds:.2f} s at {at} px" for at, seconds in timed.items())
-    return [f"data.image_size {chosen} px instead of {size} px: a step took {steps_timed}, so the "
+    return [f"data.image_size {chosen} px instead of {size} px: a {config.finetune.strategy} step took {steps_timed}, so the "
             f"{config.train.time_budget} budget buys {MIN_BUDGET_EPOCHS} epochs of {steps} steps at {chosen} px, "
             f"not at {size} px"]
 

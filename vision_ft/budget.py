@@ -18,6 +18,12 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from vision_ft.config import FinetuneConfig
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
@@ -183,21 +189,34 @@ DECIDING_PROBE_BATCH = 32
 
 
 def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_size: int, batch_size: int,
-                       device: "torch.device", memory_format: str = "auto", probe_batch: int = PROBE_BATCH) -> float:
+                       device: torch.device, memory_format: str = "auto", probe_batch: int = PROBE_BATCH,
+                       finetune: FinetuneConfig | None = None) -> float:
     """Seconds of one training step (forward, backward, optimizer) of `batch_size` images: the median
     of PROBE_STEPS steps on a random batch of at most `probe_batch`, scaled, after one untimed step,
     in the weights' layout training uses (`train.memory_format`); random weights cost the same
-    arithmetic as pretrained ones."""
+    arithmetic as pretrained ones.
+
+    With `finetune`, the step is the strategy's (what trains, frozen BatchNorm folded): a linear
+    probe or LoRA step costs a fraction of a full one. Progressive unfreezing is timed as full
+    fine-tuning, which its last epochs are."""
     import torch
     from torch import nn
 
+    from vision_ft.finetune.build import build_strategy
     from vision_ft.memory_format import apply_memory_format
     from vision_ft.models.create import create_model
 
     model = create_model(model_name, num_classes=num_classes, in_chans=channels, weights="none",
-                         image_size=image_size).to(device).train()
+                         image_size=image_size)
+    if finetune is not None and finetune.strategy != "progressive":
+        strategy = build_strategy(finetune)
+        strategy.prepare(model)
+        strategy.set_train_mode(model)
+    else:
+        model.train()
+    model.to(device)
     apply_memory_format(model, memory_format, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     probe_batch = min(batch_size, probe_batch)
     images = torch.randn(probe_batch, channels, image_size, image_size, device=device)
     labels = torch.randint(0, num_classes, (probe_batch,), device=device)

@@ -44,11 +44,14 @@ class Outputs:
 
 
 def eval_loader(samples: list[Sample], config: Config, mean: list[float], std: list[float],
-                batch_size: int | None = None, workers: int | None = None, skip_bad: bool = False) -> Iterable[Any]:
-    """A loader over `samples` through the evaluation pipeline of `config`, in sample order."""
+                batch_size: int | None = None, workers: int | None = None, skip_bad: bool = False,
+                cache_bytes: int = 0) -> Iterable[Any]:
+    """A loader over `samples` through the evaluation pipeline of `config`, in sample order
+    (`cache_bytes`: see ImageDataset, for a loader read every epoch)."""
     data = config.data
     dataset = ImageDataset(samples, build_transforms([], mean, std, train=False), data.channels, data.image_size,
-                           skip_bad=skip_bad, max_pixels=data.max_pixels, pixels=policy_from_config(data))
+                           skip_bad=skip_bad, max_pixels=data.max_pixels, pixels=policy_from_config(data),
+                           cache_bytes=cache_bytes)
     return build_loader(dataset, batch_size or config.train.batch_size, train=False,
                         workers=data.workers if workers is None else workers)
 

@@ -39,7 +39,7 @@ from vision_ft.auto_config import auto_patience, resolve_auto
 from vision_ft.budget import BudgetPlanner, parse_duration
 from vision_ft.config import Config, save_config, validate_config
 from vision_ft.data.bad_images import unreadable_images
-from vision_ft.data.dataset import ImageDataset
+from vision_ft.data.dataset import CACHE_BYTES_PER_PROCESS, ImageDataset
 from vision_ft.data.discover import Sample
 from vision_ft.data.groups import assign_groups, class_proportions
 from vision_ft.data.loaders import build_loader, seed_training_epoch, stop_all_workers
@@ -465,11 +465,13 @@ def _build_loaders(config: Config, splits: dict[str, list[Sample]], mean: list[f
     data = config.data
     train_set = ImageDataset(splits["train"], build_transforms(data.augment.train, mean, std, train=True),
                              data.channels, data.image_size, skip_bad=data.skip_bad_images, max_pixels=data.max_pixels,
-                             pixels=policy_from_config(data))
+                             pixels=policy_from_config(data), cache_bytes=CACHE_BYTES_PER_PROCESS)
     train_loader = build_loader(train_set, config.train.batch_size, train=True, workers=data.workers,
                                 balanced=data.balance == "sampler", distributed=context.distributed,
                                 seed=config.train.seed)
-    eval_loaders = {name: eval_loader(splits[name], config, mean, std, skip_bad=data.skip_bad_images)
+    # Validation is read every epoch, so it keeps its decoded images too; test is read at the end.
+    eval_loaders = {name: eval_loader(splits[name], config, mean, std, skip_bad=data.skip_bad_images,
+                                      cache_bytes=CACHE_BYTES_PER_PROCESS if name == "val" else 0)
                     for name in ("val", "test") if splits.get(name)}
     return train_loader, eval_loaders
 

@@ -70,6 +70,41 @@ def test_dataset_is_lazy_and_reports_bad_files(tmp_path):
     assert label == 0 and torch.allclose(image, torch.full((3, 8, 8), 10 / 255))
 
 
+def test_the_cache_skips_decoding_within_its_bytes_and_augments_afresh(tmp_path, monkeypatch):
+    """Later epochs read cached pixels (only as many images as the byte limit holds), read-only like
+    freshly decoded ones, and augmented afresh; the cache never travels to loader workers."""
+    import pickle
+
+    from vision_ft.data import dataset as dataset_module
+
+    samples = constant_images(tmp_path, [10, 20, 30])
+    decoded = []
+    real_load = dataset_module.load_image
+
+    def counting_load(path, *args, **kwargs):
+        decoded.append(Path(path).name)
+        return real_load(path, *args, **kwargs)
+    monkeypatch.setattr(dataset_module, "load_image", counting_load)
+
+    def scribble(image):  # an augmentation: a new array from its input, which it cannot write into
+        assert not image.flags.writeable
+        return {"image": torch.from_numpy(image + 1)}
+
+    two_images = 2 * 8 * 8 * 3  # bytes of two 8 x 8 RGB images
+    dataset = ImageDataset(samples, lambda image: scribble(image), channels=3, image_size=8, cache_bytes=two_images)
+    first = [dataset[i][0][0, 0, 0].item() for i in range(3)]
+    again = [dataset[i][0][0, 0, 0].item() for i in range(3)]
+    assert first == again == [11, 21, 31]  # +1 each read, from the original pixels every time
+    assert decoded == ["0.png", "1.png", "2.png", "2.png"]  # the third image did not fit
+    dataset.transform = None  # a local function does not pickle; the dataset's own state does
+    assert len(dataset._cache) == 2 and pickle.loads(pickle.dumps(dataset))._cache == {}
+
+    uncached = ImageDataset(samples, None, channels=3, image_size=8)  # the default: decode every read
+    decoded.clear()
+    uncached[0], uncached[0]
+    assert decoded == ["0.png", "0.png"]
+
+
 def test_class_counts():
     samples = [Sample(Path(f"/x/{i}"), label) for i, label in enumerate([0, 2, 2, 2])]
     assert class_counts(samples, 3) == [1, 0, 3]
