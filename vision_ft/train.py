@@ -473,7 +473,18 @@ def _build_loaders(config: Config, splits: dict[str, list[Sample]], mean: list[f
     eval_loaders = {name: eval_loader(splits[name], config, mean, std, skip_bad=data.skip_bad_images,
                                       cache_bytes=CACHE_BYTES_PER_PROCESS if name == "val" else 0)
                     for name in ("val", "test") if splits.get(name)}
+    _warm_caches({"train": train_set, **({"val": eval_loaders["val"].dataset} if "val" in eval_loaders else {})})
     return train_loader, eval_loaders
+
+
+def _warm_caches(datasets: dict[str, ImageDataset]) -> None:
+    """Decode the splits read every epoch into memory before the loader workers start (one log line)."""
+    started = time.monotonic()
+    parts = []
+    for name, dataset in datasets.items():
+        images, size = dataset.warm_cache(threads=max(1, torch.get_num_threads()))
+        parts.append(f"{images} of {len(dataset)} {name} images ({size / 2**20:.0f} MiB)")
+    log.info("decoded %s into memory in %.1f s", " and ".join(parts), time.monotonic() - started)
 
 
 def _loss_function(task: Task, splits: dict[str, list[Sample]], device: torch.device) -> nn.Module:

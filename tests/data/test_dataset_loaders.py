@@ -72,7 +72,7 @@ def test_dataset_is_lazy_and_reports_bad_files(tmp_path):
 
 def test_the_cache_skips_decoding_within_its_bytes_and_augments_afresh(tmp_path, monkeypatch):
     """Later epochs read cached pixels (only as many images as the byte limit holds), read-only like
-    freshly decoded ones, and augmented afresh; the cache never travels to loader workers."""
+    freshly decoded ones, and augmented afresh; loader workers receive the cache with the dataset."""
     import pickle
 
     from vision_ft.data import dataset as dataset_module
@@ -97,12 +97,26 @@ def test_the_cache_skips_decoding_within_its_bytes_and_augments_afresh(tmp_path,
     assert first == again == [11, 21, 31]  # +1 each read, from the original pixels every time
     assert decoded == ["0.png", "1.png", "2.png", "2.png"]  # the third image did not fit
     dataset.transform = None  # a local function does not pickle; the dataset's own state does
-    assert len(dataset._cache) == 2 and pickle.loads(pickle.dumps(dataset))._cache == {}
+    copied = pickle.loads(pickle.dumps(dataset))
+    assert sorted(copied._cache) == [0, 1] and copied._cached_bytes == two_images
 
     uncached = ImageDataset(samples, None, channels=3, image_size=8)  # the default: decode every read
     decoded.clear()
     uncached[0], uncached[0]
     assert decoded == ["0.png", "0.png"]
+
+
+def test_warming_the_cache_decodes_up_front_and_leaves_bad_files_to_the_reads(tmp_path):
+    samples = constant_images(tmp_path, [10, 20, 30, 40])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    samples.insert(1, Sample(broken, 1))
+    dataset = ImageDataset(samples, None, channels=3, image_size=8, cache_bytes=3 * 8 * 8 * 3)
+    assert dataset.warm_cache(threads=2) == (3, 3 * 8 * 8 * 3)  # three fit; the broken one is skipped
+    assert sorted(dataset._cache) == [0, 2, 3]
+    assert torch.allclose(dataset[2][0], torch.full((3, 8, 8), 20 / 255))
+    with pytest.raises(VisionFTError, match="broken.png"):
+        dataset[1]  # reported when read, as without a cache
 
 
 def test_class_counts():

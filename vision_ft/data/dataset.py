@@ -32,8 +32,9 @@ class ImageDataset(Dataset):
     pipeline from `build_transforms` (called as ``transform(image=array)["image"]``). Without a
     transform the pixels are only scaled to 0..1. With `cache_bytes` (training passes
     CACHE_BYTES_PER_PROCESS for the splits it reads every epoch) the resized pixels are kept in
-    memory up to that many bytes per process, so later epochs skip the decoding; the augmentation
-    still runs afresh on every read.
+    memory up to that many bytes per process (filled by `warm_cache` up front, or as items are
+    read), so later reads skip the decoding; the augmentation still runs afresh on every read.
+    Loader workers receive the cache with the dataset.
 
     With `skip_bad=True` an image that fails to decode (e.g. a file that was damaged after the
     up-front scan) is replaced by the next readable sample, so a long run does not die on it;
@@ -70,11 +71,34 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getstate__(self) -> dict:
-        """What a loader worker receives: everything but the cache, which each process fills itself."""
-        state = self.__dict__.copy()
-        state["_cache"], state["_cached_bytes"] = {}, 0
-        return state
+    def warm_cache(self, threads: int = 2) -> tuple[int, int]:
+        """Decode images into the cache up to its byte limit, on `threads` threads (Pillow decodes
+        and resizes without holding the GIL), before the loader's workers start: they receive the
+        cache with the dataset, so the first epoch's steps already run at the speed of the later
+        ones, and a time budget plans from representative step times. Images that do not decode
+        are left to `__getitem__`, which reports or skips them. Returns (images, bytes) cached."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def decode(index: int) -> np.ndarray | None:
+            try:
+                sample = self.samples[index]
+                return load_image(sample.path, self.channels, self.image_size, pixels=self.pixels,
+                                  max_pixels=self.max_pixels)
+            except VisionFTError:
+                return None
+
+        pending = [i for i in range(len(self.samples)) if i not in self._cache]
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            # In chunks, so that decoding stops soon after the cache is full.
+            for start in range(0, len(pending), 64):
+                for index, image in zip(pending[start:start + 64], pool.map(decode, pending[start:start + 64])):
+                    if image is not None and self._cached_bytes + image.nbytes <= self.cache_bytes:
+                        image.setflags(write=False)
+                        self._cache[index] = image
+                        self._cached_bytes += image.nbytes
+                if self._cached_bytes >= self.cache_bytes:
+                    break
+        return len(self._cache), self._cached_bytes
 
     def seed_augmentation(self, seed: int) -> None:
         """Fix the random state of the augmentation pipeline (called by the loader and its workers)."""
