@@ -81,9 +81,7 @@ class ImageDataset(Dataset):
 
         def decode(index: int) -> np.ndarray | None:
             try:
-                sample = self.samples[index]
-                return load_image(sample.path, self.channels, self.image_size, pixels=self.pixels,
-                                  max_pixels=self.max_pixels)
+                return self._load(index)
             except VisionFTError:
                 return None
 
@@ -91,11 +89,10 @@ class ImageDataset(Dataset):
         with ThreadPoolExecutor(max(1, threads)) as pool:
             # In chunks, so that decoding stops soon after the cache is full.
             for start in range(0, len(pending), 64):
-                for index, image in zip(pending[start:start + 64], pool.map(decode, pending[start:start + 64])):
-                    if image is not None and self._cached_bytes + image.nbytes <= self.cache_bytes:
-                        image.setflags(write=False)
-                        self._cache[index] = image
-                        self._cached_bytes += image.nbytes
+                chunk = pending[start:start + 64]
+                for index, image in zip(chunk, pool.map(decode, chunk)):
+                    if image is not None:
+                        self._keep(index, image)
                 if self._cached_bytes >= self.cache_bytes:
                     break
         return len(self._cache), self._cached_bytes
@@ -153,10 +150,17 @@ class ImageDataset(Dataset):
         cached = self._cache.get(index)
         if cached is not None:
             return cached
+        image = self._load(index)
+        self._keep(index, image)
+        return image
+
+    def _load(self, index: int) -> np.ndarray:
         sample = self.samples[index]
-        image = load_image(sample.path, self.channels, self.image_size, pixels=self.pixels, max_pixels=self.max_pixels)
+        return load_image(sample.path, self.channels, self.image_size, pixels=self.pixels, max_pixels=self.max_pixels)
+
+    def _keep(self, index: int, image: np.ndarray) -> None:
+        """Cache `image` when it fits in what is left of `cache_bytes`."""
         if self._cached_bytes + image.nbytes <= self.cache_bytes:
             image.setflags(write=False)
             self._cache[index] = image
             self._cached_bytes += image.nbytes
-        return image

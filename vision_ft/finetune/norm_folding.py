@@ -76,27 +76,30 @@ class FoldedBatchNormAct2d(BatchNormAct2d):
         return self.act(self.drop(x)) if norm_is_frozen(self) else super().forward(x)
 
 
-class FoldingConv2d(nn.Conv2d):
-    """nn.Conv2d that applies the BN layer after it (`folded_norm`) while that BN is frozen."""
+class _FoldingConv:
+    """The fold for a conv class: its own forward while the BN layer after it (`folded_norm`)
+    runs itself, else one convolution with the BN's scale and shift in the weights."""
 
     folded_norm: nn.Module | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.folded_norm is None or not norm_is_frozen(self.folded_norm):
-            return super().forward(x)
-        weight, bias, _ = folded_weights(self.folded_norm, self.weight, self.bias)
+            return super().forward(x)  # type: ignore[misc]
+        weight, bias, _ = folded_weights(self.folded_norm, self.weight, self.bias)  # type: ignore[attr-defined]
+        return self._convolve(x, weight, bias)
+
+
+class FoldingConv2d(_FoldingConv, nn.Conv2d):
+    """nn.Conv2d that applies the frozen BN layer after it."""
+
+    def _convolve(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         return self._conv_forward(x, weight, bias)
 
 
-class FoldingConv2dSame(Conv2dSame):
-    """timm's Conv2dSame (TensorFlow 'SAME' padding) with FoldingConv2d's fold."""
+class FoldingConv2dSame(_FoldingConv, Conv2dSame):
+    """timm's Conv2dSame (TensorFlow 'SAME' padding) that applies the frozen BN layer after it."""
 
-    folded_norm: nn.Module | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.folded_norm is None or not norm_is_frozen(self.folded_norm):
-            return super().forward(x)
-        weight, bias, _ = folded_weights(self.folded_norm, self.weight, self.bias)
+    def _convolve(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         return F.conv2d(x, weight, bias, self.stride, (0, 0), self.dilation, self.groups)
 
