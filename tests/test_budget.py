@@ -21,9 +21,10 @@ def test_bad_durations_are_one_line_config_errors(text):
 
 
 def test_auto_epochs_scale_with_dataset_size():
-    assert auto_epochs(8) == AUTO_MAX_EPOCHS  # 800 steps would need 100 epochs
-    assert auto_epochs(49) == 17  # ELPV binary at batch 32
-    assert auto_epochs(10_000) == AUTO_MIN_EPOCHS
+    assert auto_epochs(8, 32) == AUTO_MAX_EPOCHS  # 800 steps would need 100 epochs
+    assert auto_epochs(49, 32) == 17  # ELPV binary at batch 32
+    assert auto_epochs(98, 16) == 17  # ... and at batch 16: the same images shown, twice the steps
+    assert auto_epochs(10_000, 16) == AUTO_MIN_EPOCHS
 
 
 def _planner(**kw):
@@ -90,6 +91,18 @@ def test_the_second_epoch_replans_up_or_down_and_later_ones_only_add_caution(mon
     assert not planner.record_epoch(4, 30.0) and planner.estimated_epoch_seconds() == 60.0
 
 
+def test_one_slow_validation_pass_does_not_price_the_end_of_the_run():
+    planner = _planner()
+    planner.step_seconds = 1.0
+    for seconds in (4.0, 4.0, 16.0):  # 400 images; the third pass shared the CPU with another job
+        planner.record_eval(seconds, 400)
+    assert planner.eval_seconds_per_image == pytest.approx(0.01)
+    assert planner.final_seconds() == pytest.approx(34)  # as with three normal passes
+    planner.record_eval(16.0, 400)
+    planner.record_eval(16.0, 400)
+    assert planner.eval_seconds_per_image == pytest.approx(0.04)  # a machine that stays slow is believed
+
+
 def test_step_time_is_measured_after_the_warmup_steps(monkeypatch):
     times = iter([0.0, 5.0, 6.0] + [6.0 + 0.5 * i for i in range(1, 20)])
     monkeypatch.setattr("vision_ft.budget.time.monotonic", lambda: next(times))
@@ -125,7 +138,8 @@ def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch
             return first_probe_s
         return 2.0 * (image_size / 224) ** 2
     monkeypatch.setattr(auto_config, "probe_step_seconds", probe)
-    config = build_config(None, ["train.time_budget=9m", "model.name=tf_efficientnet_lite0", "data.image_size=224"])
+    config = build_config(None, ["train.time_budget=9m", "model.name=tf_efficientnet_lite0", "data.image_size=224",
+                                  "train.batch_size=32"])
     notes = auto_config._fit_size_to_budget(config, train_images=49 * 32, num_classes=2, processes=1)
     assert config.data.image_size == expected
     assert batches[0] == 8 and all(batch == 32 for batch in batches[1:])  # the deciding probes run the real batch

@@ -43,6 +43,27 @@ def test_vit_at_64_px_with_a_budget_on_imbalanced_data(imbalanced_neu, tmp_path,
     assert "| split | balanced acc." in report
 
 
+def test_a_budget_with_room_for_part_of_one_epoch_ends_after_it(tmp_path, capsys, monkeypatch):
+    """The first epoch is cut to the steps that fit; the run then ends, instead of running
+    further epochs with no step left in them (epochs of train_loss 0 that re-plan forever)."""
+    from vision_ft.budget import BudgetPlanner
+
+    # While the first epoch runs, the end of the run (evaluation, export) claims all of the budget
+    # that is left; once that epoch is timed, almost nothing, so the budget would seem to have room.
+    monkeypatch.setattr(BudgetPlanner, "final_seconds",
+                        lambda self: self.budget_s - self.elapsed() if self.epoch_seconds is None else 1.0)
+    data = copy_neu_subset(tmp_path / "neu", ("crazing", "inclusion"), 40)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--model", "resnet18", "--budget", "10m",
+                 "--set", "data.image_size=32", "--set", "export.onnx=false", "--set", "data.workers=0",
+                 "--set", "train.batch_size=2", "--weights", "none"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    log = (out / "train.log").read_text()
+    assert "does not fit" in log
+    assert len(rows) == 1 and rows[0]["train_loss"] > 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 1
+
+
 @pytest.mark.slow
 def test_lr_find_writes_a_plot_and_suggests_a_rate(tmp_path, capsys):
     data = copy_neu_subset(tmp_path / "neu", ("crazing", "inclusion"), 8)

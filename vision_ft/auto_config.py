@@ -121,13 +121,14 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
                      f"{train.batch_size * processes}")
     if train.epochs == "auto":
         steps = steps_per_epoch(len(splits["train"]), train.batch_size, processes)
-        epochs = auto_epochs(steps)
+        epochs = auto_epochs(steps, train.batch_size * processes)
         if train.time_budget:
             epochs *= BUDGET_MAX_FACTOR
             notes.append(f"train.epochs at most {epochs} ({BUDGET_MAX_FACTOR}x the auto epochs); the time budget "
                          f"{train.time_budget} sets the number once the first steps are timed")
         else:
-            notes.append(f"train.epochs {epochs}: {steps} steps an epoch, about {epochs * steps} optimizer steps")
+            notes.append(f"train.epochs {epochs}: {steps} steps an epoch, about {epochs * steps} optimizer steps "
+                         f"of {train.batch_size * processes} images")
         train.epochs = epochs
     stopping = train.early_stopping
     if stopping.metric == "auto":

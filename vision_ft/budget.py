@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
 
-# Optimizer steps `train.epochs: auto` aims for: about 800 steps of batch 32 fine-tune a
-# pretrained backbone on a few thousand images; datasets with many steps per epoch need fewer
-# passes. Clamped to 5..60 epochs.
-AUTO_TARGET_STEPS = 800
+# Training images `train.epochs: auto` aims to show: about 800 steps of batch 32 (25,600 images)
+# fine-tune a pretrained backbone on a few thousand images; datasets with many images need fewer
+# passes. Counted in images, so the epochs do not depend on the batch. Clamped to 5..60 epochs.
+AUTO_TARGET_IMAGES = 25_600
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 5, 60
 # A budget never plans more than this many times the auto epochs: past that, early stopping
 # ends the run anyway and the cosine schedule would stay near its peak for nothing.
@@ -66,9 +66,9 @@ def parse_duration(text: str | float | int) -> float:
     return seconds
 
 
-def auto_epochs(steps_per_epoch: int) -> int:
-    """Epochs for `train.epochs: auto`: about AUTO_TARGET_STEPS optimizer steps, within 5..60."""
-    wanted = math.ceil(AUTO_TARGET_STEPS / max(1, steps_per_epoch))
+def auto_epochs(steps_per_epoch: int, batch_size: int) -> int:
+    """Epochs for `train.epochs: auto`: about AUTO_TARGET_IMAGES training images shown, within 5..60."""
+    wanted = math.ceil(AUTO_TARGET_IMAGES / max(1, steps_per_epoch * batch_size))
     return max(AUTO_MIN_EPOCHS, min(AUTO_MAX_EPOCHS, wanted))
 
 
@@ -91,6 +91,7 @@ class BudgetPlanner:
     epoch_seconds: float | None = None
     eval_seconds_per_image: float | None = None  # measured on the validation passes
     _step_times: list[float] = field(default_factory=list)
+    _eval_times: list[float] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -124,8 +125,13 @@ class BudgetPlanner:
         return len(self._step_times) * (self.step_seconds or 0.0)
 
     def record_eval(self, seconds: float, images: int) -> None:
+        """Feed a validation pass; the end of the run is costed from the median pass so far, so one
+        pass slowed by another process does not claim minutes of the budget (ELPV: one 66 s epoch
+        under a concurrent job priced the end at 197 s instead of 49 s and stopped the run at 6 of 10
+        epochs with 253 s left)."""
         if images > 0:
-            self.eval_seconds_per_image = seconds / images
+            self._eval_times.append(seconds / images)
+            self.eval_seconds_per_image = statistics.median(self._eval_times)
 
     def _eval_seconds(self, images: int) -> float:
         per_image = self.eval_seconds_per_image

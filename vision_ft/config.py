@@ -146,7 +146,10 @@ class TrainConfig(_Strict):
     epochs: _int_or_auto(1) = "auto"
     # e.g. "10m", "90s", "1h30m": epochs are planned to fill it, evaluation and export included
     time_budget: str | None = None
-    batch_size: int = Field(32, ge=1)
+    # 16: on a 2-core CPU a batch of 16 trains each image 1.45x faster than a batch of 32
+    # (EfficientNet-Lite0 at 224 px: 0.49 s against 1.42 s a step in `vision-ft train`), since its
+    # activations stay in the caches; small inspection and medical datasets gain steps, not lose them.
+    batch_size: int = Field(16, ge=1)
     lr: Annotated[float | str, PlainValidator(_float_or_auto), PlainSerializer(lambda v: v)] = "auto"
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)

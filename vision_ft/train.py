@@ -591,6 +591,8 @@ def _plan_epochs(loop: TrainingLoop, epochs_done: int) -> None:
     """Set the epochs (and the cosine schedule's length, and auto patience) to what fits the budget."""
     budget, config, context = loop.budget, loop.config, loop.context
     assert budget is not None
+    if loop.max_steps is not None:
+        return  # the budget had room for part of one epoch only: the run ends after it
     in_epoch = 0.0 if epochs_done else budget.elapsed_in_first_epoch()
     epochs = distributed.broadcast_from_main(context, budget.plan(epochs_done, in_epoch))
     if epochs == config.train.epochs and epochs_done:
