@@ -122,27 +122,33 @@ def test_a_tight_budget_trains_at_a_smaller_size_instead_of_too_few_epochs():
     assert size_for_budget(224, 30.0, 49, 540, stride=32, min_size=96) == 96  # never below the minimum
 
 
-@pytest.mark.parametrize("first_probe_s, expected", [(2.0, 160), (6.0, 160), (0.5, 224)])
-def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch, first_probe_s, expected):
-    """A machine where a step takes 2 s at 224 px, in proportion to the pixels. The first probe
-    reads 2 s, or 6 s when another process slowed it: both end at 160 px (8 epochs of 49 steps fit
-    in 9 minutes there), because the size it points to is timed again; a fast machine keeps 224 px."""
+@pytest.mark.parametrize("first_probe_s, step_224_s, expected", [(2.0, 2.0, 160), (6.0, 2.0, 160), (0.5, 0.5, 224),
+                                                                (3.0, 0.9, 224)])
+def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch, first_probe_s, step_224_s,
+                                                                     expected):
+    """A machine where a training step takes `step_224_s` at 224 px, in proportion to the pixels.
+    At 2 s, the first (small-batch) probe reads 2 s, or 6 s when another process slowed it: both
+    end at 160 px (8 epochs of 49 steps fit in 9 minutes there), because the size it points to is
+    timed again. A fast machine keeps 224 px, also when its first probe read three times slow: the
+    larger size is then timed again on the training batch before it is given up."""
     from vision_ft import auto_config
 
-    batches = []
+    calls = []
 
     def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format, probe_batch, finetune):
         assert finetune.strategy == "full"  # the run's strategy is what gets timed
-        batches.append(probe_batch)
-        if image_size == 224:
+        calls.append((image_size, probe_batch))
+        if len(calls) == 1:
             return first_probe_s
-        return 2.0 * (image_size / 224) ** 2
+        return step_224_s * (image_size / 224) ** 2
     monkeypatch.setattr(auto_config, "probe_step_seconds", probe)
     config = build_config(None, ["train.time_budget=9m", "model.name=tf_efficientnet_lite0", "data.image_size=224",
                                   "train.batch_size=32"])
     notes = auto_config._fit_size_to_budget(config, train_images=49 * 32, num_classes=2, processes=1)
     assert config.data.image_size == expected
-    assert batches[0] == 8 and all(batch == 32 for batch in batches[1:])  # the deciding probes run the real batch
+    assert calls[0] == (224, 8) and all(batch == 32 for _, batch in calls[1:])  # the deciding probes run the real batch
+    if first_probe_s == 3.0:
+        assert calls == [(224, 8), (128, 32), (224, 32)]
     if expected < 224:
         assert len(notes) == 1 and f"{first_probe_s:.2f} s at 224 px" in notes[0] and "at 160 px" in notes[0]
     else:
