@@ -43,7 +43,8 @@ MODEL = "tf_efficientnet_lite0"
 
 # What the defaults were before the `auto` settings (configs/default.yaml at that time).
 BEFORE = ["data.image_size=224", "train.epochs=10", "train.lr=0.0005", "train.early_stopping.metric=macro_f1",
-          "train.early_stopping.patience=5", "data.balance=none", "train.ema=false", "eval.tta=none"]
+          "train.early_stopping.patience=5", "data.balance=none", "train.ema=false", "eval.tta=none",
+          "train.batch_size=32"]
 # ELPV's published protocol holds out 25 % (stratified); both variants use it.
 PROTOCOL = {"elpv-binary": ["data.test_fraction=0.25"], "elpv-4class": ["data.test_fraction=0.25"]}
 DESCRIPTION = {
