@@ -135,7 +135,8 @@ def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch
 
     calls = []
 
-    def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format, probe_batch, finetune):
+    def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format, probe_batch, finetune,
+              amp_dtype=None):
         assert finetune.strategy == "full"  # the run's strategy is what gets timed
         calls.append((image_size, probe_batch))
         if len(calls) == 1:
@@ -153,6 +154,25 @@ def test_the_budget_size_is_timed_again_where_the_first_probe_points(monkeypatch
         assert len(notes) == 1 and f"{first_probe_s:.2f} s at 224 px" in notes[0] and "at 160 px" in notes[0]
     else:
         assert notes == []
+
+
+@pytest.mark.parametrize("known_s, expected_calls, expected", [(0.5, [], 224), (2.0, [(160, 32)], 160)])
+def test_a_step_the_precision_choice_timed_replaces_the_first_probe(monkeypatch, known_s, expected_calls, expected):
+    """`train.amp: auto` already timed a step at the data's size on the training batch: the size
+    fit starts from it instead of its cheap, noisier small-batch probe."""
+    from vision_ft import auto_config
+
+    calls = []
+
+    def probe(model_name, num_classes, channels, image_size, batch_size, device, memory_format, probe_batch, finetune,
+              amp_dtype=None):
+        calls.append((image_size, probe_batch))
+        return known_s * (image_size / 224) ** 2
+    monkeypatch.setattr(auto_config, "probe_step_seconds", probe)
+    config = build_config(None, ["train.time_budget=9m", "model.name=tf_efficientnet_lite0", "data.image_size=224",
+                                  "train.batch_size=32", "train.amp=off"])
+    auto_config._fit_size_to_budget(config, train_images=49 * 32, num_classes=2, processes=1, step_seconds=known_s)
+    assert calls == expected_calls and config.data.image_size == expected
 
 
 def test_the_probe_times_a_real_training_step():

@@ -8,6 +8,7 @@ the log and the report.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from vision_ft.auto_size import choose_image_size
 from vision_ft.budget import (BUDGET_MAX_FACTOR, DECIDING_PROBE_BATCH, MIN_BUDGET_EPOCHS, PROBE_BATCH, auto_epochs,
@@ -18,6 +19,10 @@ from vision_ft.data.loaders import class_counts
 from vision_ft.errors import VisionFTError
 from vision_ft.imbalance import choose_balance
 from vision_ft.lr_defaults import default_lr
+from vision_ft.precision import autocast_dtype, choose_amp
+
+if TYPE_CHECKING:
+    import torch
 
 # Early-stopping patience: a quarter of the planned epochs, at least 3 (an EMA'd, smoothly
 # decaying run improves in small steps; 5 of 10 epochs cut runs off while still improving).
@@ -46,14 +51,16 @@ def steps_per_epoch(train_images: int, batch_size: int, processes: int) -> int:
     return max(1, per_process // batch_size if per_process >= batch_size else 1)
 
 
-def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, processes: int) -> list[str]:
+def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, processes: int,
+                        step_seconds: float | None = None) -> list[str]:
     """Shrink an auto image size when the budget would buy fewer than MIN_BUDGET_EPOCHS epochs at it.
 
     A step's time is not exactly proportional to the pixel count (fixed per-step costs, caches),
     and one probe can be slowed by another process, so the size the first, small-batch probe
     points to is timed again on the training batch (up to DECIDING_PROBE_BATCH images) and that
     measurement decides; a larger size is taken only when its own timing fits. At most three
-    probes (2-10 s each on a 2-core CPU), counted in the budget."""
+    probes (2-10 s each on a 2-core CPU), counted in the budget. `step_seconds`, a step already timed at
+    the data's size on the training batch (by the precision choice), replaces the first probe."""
     from vision_ft.auto_size import MIN_SIZE, backbone_geometry
     from vision_ft.run_model import default_device
 
@@ -65,19 +72,22 @@ def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, pro
     steps = steps_per_epoch(train_images, config.train.batch_size, processes)
     timed: list[tuple[int, float]] = []  # (size, seconds) in the order probed
     deciding: dict[int, float] = {}  # sizes timed on the training batch
+    if step_seconds is not None:
+        timed.append((size, step_seconds))
+        deciding[size] = step_seconds
 
     def fitting_size(at: int, probe_batch: int = DECIDING_PROBE_BATCH) -> int:
         if probe_batch != DECIDING_PROBE_BATCH or at not in deciding:
             seconds = probe_step_seconds(config.model.name, num_classes, config.data.channels, at,
                                          config.train.batch_size, default_device(), config.train.memory_format,
-                                         probe_batch, config.finetune)
+                                         probe_batch, config.finetune, autocast_dtype(config.train.amp))
             timed.append((at, seconds))
             if probe_batch != DECIDING_PROBE_BATCH:
                 return size_for_budget(at, seconds, steps, budget_s, stride, MIN_SIZE, max_size=size)
             deciding[at] = seconds
         return size_for_budget(at, deciding[at], steps, budget_s, stride, MIN_SIZE, max_size=size)
 
-    chosen = fitting_size(size, PROBE_BATCH)  # a cheap first look
+    chosen = fitting_size(size) if size in deciding else fitting_size(size, PROBE_BATCH)  # else a cheap first look
     if chosen == size:
         return []
     second = fitting_size(chosen)
@@ -93,6 +103,25 @@ def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, pro
     return [f"data.image_size {chosen} px instead of {size} px: a {config.finetune.strategy} step took {steps_timed}, so the "
             f"{config.train.time_budget} budget buys {MIN_BUDGET_EPOCHS} epochs of {steps} steps at {chosen} px, "
             f"not at {size} px"]
+
+
+def _choose_precision(config: Config, num_classes: int) -> tuple[str, float | None]:
+    """`train.amp` auto: on a CPU with bfloat16 instructions, the faster of float32 and bfloat16
+    autocast for one training step of this run (model, strategy, size, batch, layout). Returns the
+    note and, when it was timed, the step's seconds in the chosen precision at the data's size."""
+    from vision_ft.run_model import default_device
+
+    device = default_device()
+    timed: dict[torch.dtype | None, float] = {}
+
+    def time_step(dtype: torch.dtype | None) -> float:
+        timed[dtype] = probe_step_seconds(config.model.name, num_classes, config.data.channels,
+                                          config.data.image_size, config.train.batch_size, device,
+                                          config.train.memory_format, DECIDING_PROBE_BATCH, config.finetune, dtype)
+        return timed[dtype]
+
+    config.train.amp, why = choose_amp(device, time_step)
+    return f"train.amp {config.train.amp}: {why}", timed.get(autocast_dtype(config.train.amp))
 
 
 def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: list[str],
@@ -112,8 +141,12 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
         choice = choose_image_size(paths, resolved.model.name, seed=data.split_seed)
         data.image_size = choice.size
         notes.append(f"data.image_size {choice.reason}")
-        if train.time_budget:
-            notes += _fit_size_to_budget(resolved, len(splits["train"]), len(class_names), processes)
+    step_seconds = None  # a training step at the data's size, when the precision choice timed one
+    if train.amp == "auto":  # timed at the data's size; the budget's size probes then run in this precision
+        note, step_seconds = _choose_precision(resolved, len(class_names))
+        notes.append(note)
+    if config.data.image_size == "auto" and train.time_budget:
+        notes += _fit_size_to_budget(resolved, len(splits["train"]), len(class_names), processes, step_seconds)
     if resolved.task == "classification":
         mode, why = choose_balance(data.balance, class_counts(splits["train"], len(class_names)), class_names)
         data.balance = mode

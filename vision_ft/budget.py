@@ -196,7 +196,7 @@ DECIDING_PROBE_BATCH = 32
 
 def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_size: int, batch_size: int,
                        device: torch.device, memory_format: str = "auto", probe_batch: int = PROBE_BATCH,
-                       finetune: FinetuneConfig | None = None) -> float:
+                       finetune: FinetuneConfig | None = None, amp_dtype: torch.dtype | None = None) -> float:
     """Seconds of one training step (forward, backward, optimizer) of `batch_size` images: the median
     of PROBE_STEPS steps on a random batch of at most `probe_batch`, scaled, after one untimed step,
     in the weights' layout training uses (`train.memory_format`); random weights cost the same
@@ -204,7 +204,10 @@ def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_s
 
     With `finetune`, the step is the strategy's (what trains, frozen BatchNorm folded): a linear
     probe or LoRA step costs a fraction of a full one. Progressive unfreezing is timed as full
-    fine-tuning, which its last epochs are."""
+    fine-tuning, which its last epochs are. With `amp_dtype`, forward and loss run under autocast to it,
+    as training runs them."""
+    import contextlib
+
     import torch
     from torch import nn
 
@@ -231,7 +234,9 @@ def probe_step_seconds(model_name: str, num_classes: int, channels: int, image_s
     for _ in range(PROBE_STEPS + 1):
         started = time.monotonic()
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+            loss = loss_fn(model(images).float(), labels)
+        loss.backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

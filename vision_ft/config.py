@@ -156,8 +156,9 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
-    # auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs, off on CPU
-    # (CPU autocast was slower than fp32 in our measurements on machines without AMX).
+    # auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs; on a CPU with
+    # bfloat16 instructions, bf16 when a timed step of the run is 1.2x faster (ResNets, ViTs), else
+    # off (depthwise-heavy EfficientNets; CPUs without them). vision_ft/precision.py
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     # Layout of the model's weights and activations. auto: channels_last on CPU (1.1-1.5x faster
     # steps for CNNs, LoRA runs included: benchmarks/memory_format.py), contiguous (NCHW) on CUDA.
@@ -169,6 +170,12 @@ class TrainConfig(_Strict):
     regression_loss: Literal["mse", "l1", "huber"] = "mse"  # on standardised targets
     # multilabel: BCE positive weights, none | auto (negatives/positives per label, capped at 100) | one per label
     pos_weight: Union[Literal["none", "auto"], list[float]] = "none"
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off_in_yaml(cls, value: object) -> object:
+        # YAML reads a bare `off` (amp: off, --set train.amp=off) as false.
+        return "off" if value is False else value
 
     @field_validator("time_budget")
     @classmethod

@@ -99,7 +99,8 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether to scale the loss) for the `train.amp` setting."""
+    """(autocast dtype or None, whether to scale the loss) for the `train.amp` setting (`auto` is
+    resolved per run by vision_ft.precision; left unresolved, it means the GPU rule, float32 on CPU)."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None, False
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
@@ -770,7 +771,9 @@ def predict_eval_splits(loop: TrainingLoop) -> dict[str, Outputs]:
     config = loop.config
     tta = config.eval.tta
     candidate = views_to_compute(tta, config.data.augment.train)
-    views = {name: infer_views(loop.model, loader, views_of(candidate), loop.context.device, loop.amp_dtype)
+    # float32, whatever the training precision: the reported metrics are then what `vision-ft eval`,
+    # `predict` and the exported ONNX model give.
+    views = {name: infer_views(loop.model, loader, views_of(candidate), loop.context.device, None)
              for name, loader in loop.eval_loaders.items()}
     if tta == "auto":
         config.eval.tta = _choose_tta(loop, candidate, views.get("val"))
