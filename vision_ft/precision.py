@@ -5,8 +5,9 @@ On a GPU: bfloat16 autocast where the GPU supports it, else float16 with loss sc
 On a CPU it depends on the processor and on the model. Only processors with bfloat16
 instructions (AVX512-BF16, AMX) run oneDNN's bfloat16 convolutions and matrix products fast,
 and even there depthwise-heavy networks lose: on a 2-core x86 CPU with AVX512-BF16, batch 16, a
-ResNet-18 training step ran 1.4x (128 px) to 1.85x (224 px) faster under bfloat16 autocast while
-EfficientNet-Lite0's ran 1.2-1.4x slower (`python benchmarks/cpu_autocast.py`). So on such a CPU
+training step ran 1.5x (128 px) to 1.85-1.9x (224 px) faster under bfloat16 autocast for ResNet-18,
+ResNet-50 and ViT-Tiny, 1.06-1.2x for ConvNeXt-Atto, and 0.6-0.8x as fast for EfficientNet-Lite0
+and -B0 (`python benchmarks/cpu_autocast.py`, benchmarks/results/cpu_autocast.json). So on such a CPU
 auto times a training step both ways, at the run's size and batch, and takes bfloat16 only when it
 is at least MIN_SPEEDUP faster. The weights, the optimizer and the final evaluation stay float32.
 """
