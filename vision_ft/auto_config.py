@@ -70,24 +70,30 @@ def _fit_size_to_budget(config: Config, train_images: int, num_classes: int, pro
         return []
     budget_s = parse_duration(config.train.time_budget)
     steps = steps_per_epoch(train_images, config.train.batch_size, processes)
-    timed: list[tuple[int, float]] = []  # (size, seconds) in the order probed
+    timed: list[tuple[int, float]] = []  # (size, seconds) in the order probed, for the note
     deciding: dict[int, float] = {}  # sizes timed on the training batch
+
+    def probe(at: int, probe_batch: int) -> float:
+        seconds = probe_step_seconds(config.model.name, num_classes, config.data.channels, at, config.train.batch_size,
+                                     default_device(), config.train.memory_format, probe_batch, config.finetune,
+                                     autocast_dtype(config.train.amp))
+        timed.append((at, seconds))
+        return seconds
+
+    def fits_at(at: int, seconds: float) -> int:
+        return size_for_budget(at, seconds, steps, budget_s, stride, MIN_SIZE, max_size=size)
+
+    def fitting_size(at: int) -> int:
+        if at not in deciding:
+            deciding[at] = probe(at, DECIDING_PROBE_BATCH)
+        return fits_at(at, deciding[at])
+
     if step_seconds is not None:
         timed.append((size, step_seconds))
         deciding[size] = step_seconds
-
-    def fitting_size(at: int, probe_batch: int = DECIDING_PROBE_BATCH) -> int:
-        if probe_batch != DECIDING_PROBE_BATCH or at not in deciding:
-            seconds = probe_step_seconds(config.model.name, num_classes, config.data.channels, at,
-                                         config.train.batch_size, default_device(), config.train.memory_format,
-                                         probe_batch, config.finetune, autocast_dtype(config.train.amp))
-            timed.append((at, seconds))
-            if probe_batch != DECIDING_PROBE_BATCH:
-                return size_for_budget(at, seconds, steps, budget_s, stride, MIN_SIZE, max_size=size)
-            deciding[at] = seconds
-        return size_for_budget(at, deciding[at], steps, budget_s, stride, MIN_SIZE, max_size=size)
-
-    chosen = fitting_size(size) if size in deciding else fitting_size(size, PROBE_BATCH)  # else a cheap first look
+        chosen = fitting_size(size)
+    else:
+        chosen = fits_at(size, probe(size, PROBE_BATCH))  # a cheap first look
     if chosen == size:
         return []
     second = fitting_size(chosen)
@@ -137,7 +143,8 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
 
         train.memory_format, why = choose_memory_format(default_device())
         notes.append(f"train.memory_format {train.memory_format}: {why}")
-    if data.image_size == "auto":
+    size_is_auto = data.image_size == "auto"
+    if size_is_auto:
         paths = [s.path for name in ("train", "val") for s in splits.get(name, [])]
         choice = choose_image_size(paths, resolved.model.name, seed=data.split_seed)
         data.image_size = choice.size
@@ -146,7 +153,7 @@ def resolve_auto(config: Config, splits: dict[str, list[Sample]], class_names: l
     if train.amp == "auto":  # timed at the data's size; the budget's size probes then run in this precision
         note, step_seconds = _choose_precision(resolved, len(class_names))
         notes.append(note)
-    if config.data.image_size == "auto" and train.time_budget:
+    if size_is_auto and train.time_budget:
         notes += _fit_size_to_budget(resolved, len(splits["train"]), len(class_names), processes, step_seconds)
     if resolved.task == "classification":
         mode, why = choose_balance(data.balance, class_counts(splits["train"], len(class_names)), class_names)

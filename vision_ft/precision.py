@@ -44,14 +44,19 @@ def autocast_dtype(amp: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
+def gpu_amp() -> tuple[str, str]:
+    """(`train.amp` on this CUDA GPU, the reason in words)."""
+    if torch.cuda.is_bf16_supported():
+        return "bf16", "bfloat16 autocast: the GPU supports it"
+    return "fp16", "float16 autocast with loss scaling: the GPU has no bfloat16"
+
+
 def choose_amp(device: torch.device, time_step: Callable[[torch.dtype | None], float],
                has_bf16: Callable[[], bool] = cpu_has_bf16_instructions) -> tuple[str, str]:
     """(`train.amp` for `device`, the reason in words). `time_step(dtype)` returns the seconds of
     one of the run's training steps under autocast to `dtype` (None: float32)."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", "bfloat16 autocast: the GPU supports it"
-        return "fp16", "float16 autocast with loss scaling: the GPU has no bfloat16"
+        return gpu_amp()
     if device.type != "cpu":
         return "off", f"float32: no autocast on {device.type}"
     if not has_bf16():

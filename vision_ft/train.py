@@ -66,6 +66,7 @@ from vision_ft.metrics import format_summary
 from vision_ft.models.create import check_model_name
 from vision_ft.models.input_size import check_input_size
 from vision_ft.plots import plot_training_curves
+from vision_ft.precision import autocast_dtype, gpu_amp
 from vision_ft.report import write_report
 from vision_ft.run_folder import RunFolder, create_run_folder, open_run_folder
 from vision_ft.run_lock import RunLock
@@ -101,12 +102,11 @@ def seed_everything(seed: int) -> None:
 def autocast_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether to scale the loss) for the `train.amp` setting (`auto` is
     resolved per run by vision_ft.precision; left unresolved, it means the GPU rule, float32 on CPU)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None, False
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16, False
+    if mode == "auto":
+        mode = gpu_amp()[0] if device.type == "cuda" else "off"
+    dtype = autocast_dtype(mode)
     # fp16 gradients underflow without loss scaling.
-    return torch.float16, device.type == "cuda"
+    return dtype, dtype is torch.float16 and device.type == "cuda"
 
 
 def _setup_logging(context: distributed.Context, log_file: Path | None) -> None:
