@@ -53,6 +53,13 @@ def test_no_probe_without_bfloat16_instructions_or_for_tiny_steps():
     assert amp == "off" and calls == [None] and "4 ms" in why
 
 
+def test_without_a_time_budget_a_cpu_stays_float32_untimed():
+    """Two runs of one command must repeat exactly; a timed choice near 1.2x could differ."""
+    time_step, calls = _timer(0.50, 0.27)
+    amp, why = choose_amp(CPU, time_step, has_bf16=lambda: True, timed=False)
+    assert amp == "off" and calls == [] and "train.amp=bf16" in why
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
     monkeypatch.setattr("vision_ft.precision.platform.system", lambda: "Linux")
     monkeypatch.setattr("vision_ft.precision.platform.machine", lambda: "x86_64")

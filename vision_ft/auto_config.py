@@ -127,7 +127,7 @@ def _choose_precision(config: Config, num_classes: int) -> tuple[str, float | No
         timed[dtype] = min(seconds, timed.get(dtype, seconds))  # a precision timed twice: its faster reading
         return seconds
 
-    config.train.amp, why = choose_amp(device, time_step)
+    config.train.amp, why = choose_amp(device, time_step, timed=bool(config.train.time_budget))
     return f"train.amp {config.train.amp}: {why}", timed.get(autocast_dtype(config.train.amp))
 
 

@@ -157,7 +157,7 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     # auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs; on a CPU with
-    # bfloat16 instructions, bf16 when a timed step of the run is 1.2x faster (ResNets, ViTs), else
+    # bfloat16 instructions and a time budget, bf16 when a timed step is 1.2x faster (ResNets, ViTs), else
     # off (depthwise-heavy EfficientNets; CPUs without them). vision_ft/precision.py
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     # Layout of the model's weights and activations. auto: channels_last on CPU (1.1-1.5x faster

@@ -9,7 +9,10 @@ training step ran 1.5x (128 px) to 1.85-1.9x (224 px) faster under bfloat16 auto
 ResNet-50 and ViT-Tiny, 1.06-1.2x for ConvNeXt-Atto, and 0.6-0.8x as fast for EfficientNet-Lite0
 and -B0 (`python benchmarks/cpu_autocast.py`, benchmarks/results/cpu_autocast.json). So on such a CPU
 auto times a training step both ways, at the run's size and batch, and takes bfloat16 only when it
-is at least MIN_SPEEDUP faster. The weights, the optimizer and the final evaluation stay float32.
+is at least MIN_SPEEDUP faster. It does so only under a time budget, where the run already depends
+on the machine's timing: two readings near the threshold can differ (1.10x and 1.20x for the same
+small ResNet-18 step), and a run without a budget must repeat exactly. The weights, the optimizer
+and the final evaluation stay float32.
 """
 
 from __future__ import annotations
@@ -52,15 +55,20 @@ def gpu_amp() -> tuple[str, str]:
 
 
 def choose_amp(device: torch.device, time_step: Callable[[torch.dtype | None], float],
-               has_bf16: Callable[[], bool] = cpu_has_bf16_instructions) -> tuple[str, str]:
+               has_bf16: Callable[[], bool] = cpu_has_bf16_instructions, timed: bool = True) -> tuple[str, str]:
     """(`train.amp` for `device`, the reason in words). `time_step(dtype)` returns the seconds of
-    one of the run's training steps under autocast to `dtype` (None: float32)."""
+    one of the run's training steps under autocast to `dtype` (None: float32). With `timed` False
+    (a run without a time budget) a CPU stays float32: a choice made from timings could differ
+    between two runs of the same command, and so would their results."""
     if device.type == "cuda":
         return gpu_amp()
     if device.type != "cpu":
         return "off", f"float32: no autocast on {device.type}"
     if not has_bf16():
         return "off", "float32: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)"
+    if not timed:
+        return "off", ("float32, so that the run repeats exactly (only a time budget times bfloat16); this CPU has "
+                       "bfloat16 instructions: train.amp=bf16 trains ResNets and ViTs 1.5-1.9x faster")
     float32 = time_step(None)
     if float32 < MIN_STEP_SECONDS:
         return "off", f"float32: a training step takes {float32 * 1e3:.0f} ms, too short for bfloat16 to pay"
